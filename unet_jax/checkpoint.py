@@ -1,0 +1,196 @@
+"""Orbax checkpoints: the model (parameters + BatchNorm statistics), the optimiser state and a
+JSON ``meta`` item (step, epoch, PRNG state, metrics and the resolved config).
+
+Layout of a training workdir::
+
+    checkpoints/latest/<step>/{model,opt,meta}   most recent (for resume)
+    checkpoints/best/<step>/{model,opt,meta}     best by validation DSC (for use)
+
+Two managers rather than one with ``best_fn`` and ``max_to_keep``: a single manager keeping the
+"best N" deletes the most recent checkpoint when it is not among the best, which breaks resume.
+The best manager still gets ``best_fn``/``best_mode`` so the ranking survives restarts (Orbax
+reads saved metrics back from disk).
+
+A model-only checkpoint (``model`` + ``meta``, no ``opt``), as written by
+``python -m unet_jax.convert``, has the same layout at its top level, so
+:func:`load_model` reads either kind.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from unet_jax.config import Config
+from unet_jax.model import UNet
+
+BEST_METRIC = "val_dsc"
+FORMAT = "unet_jax.checkpoint/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory is missing, not ours, or does not match the model."""
+
+
+def build_model(config: Config, seed: int = 0) -> UNet:
+    """A freshly initialised UNet for ``config``'s model settings."""
+    return UNet(config.in_channels, config.out_channels, config.features,
+                dtype=jnp.dtype(config.dtype), rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: Config) -> UNet:
+    """A UNet with shape-only leaves (no memory, no compute), to restore into."""
+    return nnx.eval_shape(lambda: build_model(config))
+
+
+def model_to_pure(model: nnx.Module) -> dict:
+    """The model's parameters and BatchNorm statistics as a nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def _manager(directory: Path, **options) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, **options)
+    return ocp.CheckpointManager(directory, options=opts)
+
+
+def _meta(step: int, config: Config, extra: dict[str, Any] | None) -> dict[str, Any]:
+    meta = {"format": FORMAT, "step": int(step), "config": config.to_dict()}
+    meta.update(extra or {})
+    return meta
+
+
+class TrainCheckpoints:
+    """The ``latest`` and ``best`` checkpoint managers of one training workdir."""
+
+    def __init__(self, workdir: str | Path, keep_latest: int = 1):
+        root = Path(workdir).absolute() / "checkpoints"
+        self.latest = _manager(root / "latest", max_to_keep=keep_latest)
+        self.best = _manager(root / "best", max_to_keep=1,
+                             best_fn=lambda m: float(m[BEST_METRIC]), best_mode="max")
+
+    def best_metric(self) -> float | None:
+        """The validation DSC of the best checkpoint on disk, if any."""
+        step = self.best.best_step()
+        if step is None:
+            return None
+        meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return float(meta["metrics"][BEST_METRIC])
+
+    def save(self, step: int, model_pure: dict, opt_pure: Any, config: Config,
+             meta: dict[str, Any], metric: float | None = None) -> bool:
+        """Save as latest; also as best when ``metric`` beats the best so far. Returns is-best."""
+        args = ocp.args.Composite(model=ocp.args.StandardSave(model_pure),
+                                  opt=ocp.args.StandardSave(opt_pure),
+                                  meta=ocp.args.JsonSave(_meta(step, config, meta)))
+        if self.latest.latest_step() != step:
+            self.latest.save(step, args=args, force=True)
+        self.latest.wait_until_finished()
+        if metric is None:
+            return False
+        best = self.best_metric()
+        if best is not None and not metric > best:
+            return False
+        if self.best.latest_step() != step:
+            self.best.save(step, args=args, metrics={BEST_METRIC: float(metric)}, force=True)
+        self.best.wait_until_finished()
+        return True
+
+    def restore_latest(self, model_target: dict, opt_target: Any):
+        """``(model_pure, opt_pure, meta)`` of the latest checkpoint, or None if there is none."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        out = self.latest.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(model_target),
+            opt=ocp.args.StandardRestore(opt_target),
+            meta=ocp.args.JsonRestore()))
+        return out["model"], out["opt"], out["meta"]
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def save_model_checkpoint(directory: str | Path, model: UNet, config: Config,
+                          extra_meta: dict[str, Any] | None = None, step: int = 0) -> Path:
+    """Write a model-only checkpoint (``model`` + ``meta``) that :func:`load_model` reads."""
+    directory = Path(directory).absolute()
+    mngr = _manager(directory, max_to_keep=None)
+    mngr.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(model_to_pure(model)),
+        meta=ocp.args.JsonSave(_meta(step, config, extra_meta))), force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    return directory
+
+
+def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
+    """Find the Orbax manager directory and step for a workdir or a checkpoint directory."""
+    candidates = [path / "checkpoints" / "best", path / "checkpoints" / "latest", path]
+    if step is not None:
+        # An explicit step may be in either manager of a workdir.
+        candidates = [path / "checkpoints" / "latest", path / "checkpoints" / "best", path]
+    for directory in candidates:
+        if not directory.is_dir():
+            continue
+        steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+        if not steps:
+            continue
+        if step is None:
+            if directory.name == "best":
+                mngr = _manager(directory, max_to_keep=1, best_fn=lambda m: float(m[BEST_METRIC]),
+                                best_mode="max", read_only=True)
+                best = mngr.best_step()
+                mngr.close()
+                return directory, best if best is not None else steps[-1]
+            return directory, steps[-1]
+        if step in steps:
+            return directory, step
+    if step is not None:
+        raise CheckpointError(f"no checkpoint for step {step} under {path}")
+    raise CheckpointError(
+        f"{path} holds no unet_jax checkpoint (expected a training workdir with checkpoints/, or a "
+        "directory written by `python -m unet_jax.convert`)")
+
+
+def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config, dict[str, Any]]:
+    """Restore ``(model in eval mode, config, meta)`` from a training workdir or a model checkpoint.
+
+    A workdir gives its best checkpoint unless ``step`` names another.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    directory, step = _resolve_checkpoint_dir(path, step)
+    item = directory / str(step)
+    meta_file = item / "meta" / "metadata"
+    if not (item / "model").is_dir():
+        raise CheckpointError(f"{item} is not a unet_jax checkpoint (no 'model' item)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{item} is not a unet_jax checkpoint: unreadable meta ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{item} is not a unet_jax checkpoint (format {meta.get('format')!r})")
+    config = Config.from_dict(meta["config"])
+    model = abstract_model(config)
+    target = nnx.to_pure_dict(nnx.state(model))
+    restored = ocp.StandardCheckpointer().restore(item / "model", target)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    model.eval()
+    return model, config, meta
+
+
+def tree_equal(a: Any, b: Any) -> bool:
+    """Bitwise equality of two pytrees of arrays (for tests and resume checks)."""
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    return ta == tb and all(bool(jnp.array_equal(x, y)) for x, y in zip(la, lb))
