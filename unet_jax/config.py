@@ -74,6 +74,10 @@ class Config:
     log_every_steps: int = 10
     #: Keep this many most recent checkpoints besides the best one.
     keep_latest: int = 1
+    #: Also checkpoint every N steps within epochs (0: at epoch ends only).
+    checkpoint_every_steps: int = 0
+    #: Write the report (figures, report.md) at the end of the run.
+    write_report: bool = True
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (type-checked)."""

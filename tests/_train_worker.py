@@ -1,0 +1,47 @@
+"""Subprocess worker for test_train: trains a tiny config and dumps losses and parameters.
+
+Usage: python _train_worker.py WORKDIR OUT.npz [--kill-after-epoch E]
+(XLA_FLAGS may force several CPU devices; set by the parent.)
+"""
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from _synth import blob_split  # noqa: E402
+from unet_jax.checkpoint import load_model, model_to_pure  # noqa: E402
+from unet_jax.config import Config  # noqa: E402
+from unet_jax.train import train_and_evaluate  # noqa: E402
+
+CONFIG = Config(name="worker", features=4, image_size=32, batch_size=8, epochs=2,
+                learning_rate=3e-3, write_report=False, log_every_steps=1, seed=3)
+
+
+def main(argv):
+    workdir, out = argv[0], argv[1]
+    kill_after = int(argv[argv.index("--kill-after-epoch") + 1]) if "--kill-after-epoch" in argv else None
+
+    def on_epoch_end(epoch, _):
+        if kill_after is not None and epoch == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+    train_and_evaluate(CONFIG, workdir, data=data, on_epoch_end=on_epoch_end, progress=False)
+    model, _, _ = load_model(workdir, step=CONFIG.epochs * 4)
+    flat = jax.tree_util.tree_flatten_with_path(model_to_pure(model))[0]
+    arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+    losses = [json.loads(ln)["loss"] for ln in Path(workdir, "metrics.jsonl").read_text().splitlines()
+              if json.loads(ln)["type"] == "train"]
+    np.savez(out, losses=np.array(losses), devices=jax.device_count(), **arrays)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
