@@ -1,0 +1,101 @@
+"""Run an experiment: ``python -m experiments.run --exp=NAME``.
+
+    python -m experiments.run --exp=NAME [--workdir DIR] [--data_dir D] [--manual_dir M]
+                              [--set key=value ...] [--restart] [--distributed]
+
+Experiments live in ``experiments/configs/`` (one module each; its docstring says what it
+reproduces and what we measured). The resolved config is printed and saved as
+``<workdir>/config.json``. Re-running the same command resumes an interrupted run; a different
+config on an existing workdir is refused unless ``--restart`` is given. Multi-run experiments
+(``ablation``, ``cv5``) put each run in ``<workdir>/<run>`` and write a comparison report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments import configs
+from unet_jax.config import Config, field_names, override
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--exp", default="smoke",
+                        help=f"experiment name: {', '.join(configs.EXPERIMENTS)} (default: smoke)")
+    parser.add_argument("--workdir", help="output directory (default: runs/<exp>)")
+    parser.add_argument("--data_dir", help="TFDS data directory (built data set)")
+    parser.add_argument("--manual_dir", help="where the Kaggle download is (zip or kaggle_3m folder)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable), e.g. --set epochs=3")
+    parser.add_argument("--only", action="append", default=[], metavar="RUN",
+                        help="multi-run experiments: run only these sub-runs (repeatable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="delete an existing run in the workdir instead of resuming it")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (multi-host runs)")
+    return parser.parse_args(argv)
+
+
+def resolve(name: str, args: argparse.Namespace) -> dict[str, Config]:
+    """The experiment's configs with the command line's overrides applied."""
+    changes: dict[str, str] = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set needs KEY=VALUE, got {item!r}; valid keys: {', '.join(field_names())}")
+        key, value = item.split("=", 1)
+        changes[key.strip()] = value.strip()
+    if args.data_dir:
+        changes["data_dir"] = args.data_dir
+    if args.manual_dir:
+        changes["manual_dir"] = args.manual_dir
+    runs = configs.get_configs(name)
+    if args.only:
+        unknown = sorted(set(args.only) - set(runs))
+        if unknown:
+            raise ValueError(f"unknown sub-run(s) {unknown} of {name}; valid: {', '.join(runs)}")
+        runs = {k: v for k, v in runs.items() if k in args.only}
+    return {k: override(c, changes) for k, c in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = resolve(args.exp, args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.distributed:
+        import jax
+        jax.distributed.initialize()
+
+    from unet_jax.data import DataNotFoundError
+    from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_and_evaluate
+
+    root = Path(args.workdir or Path("runs") / args.exp)
+    multi = configs.is_multi_run(args.exp)
+    run_dirs = {}
+    for run_name, config in runs.items():
+        workdir = root / run_name if multi else root
+        run_dirs[run_name] = workdir
+        print(f"=== {args.exp}{'/' + run_name if multi else ''} -> {workdir}\n{config.to_json()}")
+        try:
+            train_and_evaluate(config, workdir, restart=args.restart)
+        except DataNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except (ConfigMismatchError, NonFiniteLossError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    if multi:
+        from unet_jax.report import compare_runs
+        out = compare_runs(root, run_dirs, title=args.exp)
+        print(f"comparison: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""`python -m experiments.run`: the smoke experiment end to end, and its error paths."""
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.run import main
+from unet_jax import metrics
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("smoke")
+    assert main(["--exp=smoke", "--workdir", str(wd)]) == 0
+    return wd
+
+
+@pytest.mark.slow
+def test_smoke_runs_end_to_end_and_writes_a_sane_report(smoke_workdir):
+    wd = smoke_workdir
+    report = wd / "report" / "report.md"
+    text = report.read_text()
+    links = re.findall(r"\]\(([^)]+\.(?:png|gif|csv))\)", text)
+    assert {"train_loss.png", "validation.png", "per_patient_dsc.png", "per_patient_accuracy.png",
+            "overlay_best.png", "overlay_worst.png", "volume.gif"} <= set(links)
+    for link in links:
+        path = report.parent / link
+        assert path.is_file(), link
+        if link.endswith(".png"):
+            with Image.open(path) as im:
+                assert im.format == "PNG" and im.width >= 300 and im.height >= 200, (link, im.size)
+    with Image.open(report.parent / "volume.gif") as gif:
+        assert gif.n_frames > 1
+
+    rows = list(csv.DictReader(open(wd / "per_patient.csv")))
+    pred = np.load(wd / "predictions.npz")
+    patients = sorted(set(pred["patient"].tolist()))
+    assert [r["patient"] for r in rows] == patients and len(rows) == 3
+    dsc = np.array([float(r["dsc_lcc"]) for r in rows])
+    assert ((0 <= dsc) & (dsc <= 1)).all()
+    # Beats the trivial all-background predictor, scored the same way (per volume, mean).
+    trivial = np.mean([metrics.dsc(np.zeros_like(pred["truth"][pred["patient"] == p]),
+                                   pred["truth"][pred["patient"] == p]) for p in patients])
+    assert dsc.mean() > trivial + 0.3, (dsc.mean(), trivial)
+    assert (wd / "config.json").is_file() and (wd / "checkpoints" / "best").is_dir()
+
+
+def test_unknown_experiment_and_key_list_the_valid_ones(capsys):
+    assert main(["--exp=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "run1" in err and "smoke" in err
+    assert main(["--exp=run1", "--set", "bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and "learning_rate" in err
+
+
+def test_real_data_experiment_without_data_gives_download_instructions(tmp_path, capsys):
+    code = main(["--exp=run1", "--workdir", str(tmp_path / "wd"), "--data_dir", str(tmp_path / "tfds"),
+                 "--manual_dir", str(tmp_path / "nothing")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "kaggle" in err.lower() and "Traceback" not in err and "--manual_dir" in err
