@@ -1,0 +1,58 @@
+"""The LGG MRI segmentation data (Kaggle ``kaggle_3m``) as the TFDS dataset ``lgg_mri_segmentation``.
+
+Importing this package registers the builder with TFDS. Build without TensorFlow::
+
+    python -m datasets.lgg_mri_segmentation --manual_dir M --data_dir D [--config baseline|raw|all]
+
+or ``build(manual_dir, data_dir, config)``; read with
+``tfds.data_source("lgg_mri_segmentation/baseline", data_dir=D, split="train")``.
+See README.md in this folder.
+"""
+
+from .kaggle import (
+    CSV_FIELDS,
+    HOLDOUT_SEED,
+    HOLDOUT_SIZE,
+    MANUAL_DOWNLOAD_INSTRUCTIONS,
+    MISSING,
+    SLICE_SIZE,
+    LGGDataError,
+    LGGDataWarning,
+    PatientFiles,
+    Source,
+    csv_key,
+    find_kaggle_root,
+    holdout_patients,
+    list_patients,
+    open_source,
+    patient_folds,
+    read_data_csv,
+    read_patient,
+    split_patients,
+)
+from .lgg_mri_segmentation_dataset_builder import Builder, LggConfig, build
+
+__all__ = [
+    "Builder",
+    "LggConfig",
+    "build",
+    "CSV_FIELDS",
+    "HOLDOUT_SEED",
+    "HOLDOUT_SIZE",
+    "MANUAL_DOWNLOAD_INSTRUCTIONS",
+    "MISSING",
+    "SLICE_SIZE",
+    "LGGDataError",
+    "LGGDataWarning",
+    "PatientFiles",
+    "Source",
+    "csv_key",
+    "find_kaggle_root",
+    "holdout_patients",
+    "list_patients",
+    "open_source",
+    "patient_folds",
+    "read_data_csv",
+    "read_patient",
+    "split_patients",
+]

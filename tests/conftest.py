@@ -1,0 +1,93 @@
+"""Shared fixtures: the real LGG data (skipped cleanly where absent) and built TFDS data sets.
+
+Real data lives at ``<repo>/../shared/lgg`` on the project's machines and in CI; a user's machine
+has none, and every test that needs it skips with a message saying so.
+
+Fixtures (session-scoped, built once and shared by every test file):
+
+- ``shared_lgg``: path of ``../shared/lgg`` (skips without it).
+- ``real_manual_dir``: ``restore.py`` output (all 110 patients as .tif) in a temporary folder; the
+  manual directory to build from (it holds ``kaggle_3m/``).
+- ``real_tfds_dir``: TFDS data directory holding both configs (``raw``, ``baseline``) built from
+  ``real_manual_dir``; read with ``tfds.data_source("lgg_mri_segmentation/<config>",
+  data_dir=real_tfds_dir, split=...)``.
+- ``synthetic_manual_dir`` / ``synthetic_tfds_dir``: the same for the builder's dummy data (a small
+  synthetic data set: 5 patients of 5 to 8 slices of 256x256, from ``unet_jax.synthetic``; 4
+  patients in ``train``, 1 in ``validation``); both configs built.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_LGG = REPO.parent / "shared" / "lgg"
+
+# This repository's `datasets` package must win over HuggingFace's `datasets` if that is
+# installed (bare `pytest` does not put the repository root first on sys.path).
+if str(REPO) not in sys.path[:1]:
+    sys.path.insert(0, str(REPO))
+
+
+def real_data_path() -> Path | None:
+    """``<repo>/../shared/lgg`` if it holds the real data (its restore.py), else None."""
+    return SHARED_LGG if (SHARED_LGG / "restore.py").is_file() else None
+
+
+def require_real_data() -> Path:
+    """The real data's folder, or skip the calling test with a clear message."""
+    path = real_data_path()
+    if path is None:
+        pytest.skip(f"real LGG data not found at {SHARED_LGG} (only on the project's machines and CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_lgg() -> Path:
+    """Path of the real data (``../shared/lgg``); skips where absent."""
+    return require_real_data()
+
+
+@pytest.fixture(scope="session")
+def real_manual_dir(shared_lgg: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All 110 patients restored as .tif (``DIR/kaggle_3m``): a manual directory."""
+    dest = tmp_path_factory.mktemp("lgg_real_manual")
+    subprocess.run(
+        [sys.executable, str(shared_lgg / "restore.py"), str(dest)],
+        check=True, capture_output=True,
+    )
+    return dest
+
+
+@pytest.fixture(scope="session")
+def real_tfds_dir(real_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TFDS data dir with both configs of the real data built (2 worker processes)."""
+    from datasets.lgg_mri_segmentation import build
+
+    data_dir = tmp_path_factory.mktemp("lgg_real_tfds")
+    for config in ("raw", "baseline"):
+        build(real_manual_dir, data_dir, config, num_workers=2)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def synthetic_manual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The builder's dummy data in the kaggle_3m layout (``DIR/kaggle_3m``); do not modify it."""
+    from datasets.lgg_mri_segmentation.make_dummy_data import make_dummy_data
+
+    return make_dummy_data(tmp_path_factory.mktemp("lgg_synthetic_manual"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_tfds_dir(synthetic_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TFDS data dir with both configs of the synthetic data set built (in-process)."""
+    from datasets.lgg_mri_segmentation import build
+
+    data_dir = tmp_path_factory.mktemp("lgg_synthetic_tfds")
+    for config in ("raw", "baseline"):
+        build(synthetic_manual_dir, data_dir, config, num_workers=0)
+    return data_dir

@@ -1,0 +1,280 @@
+"""A seeded generator of small, synthetic data sets in the layout of the Kaggle LGG download.
+
+The real data (110 patients of brain MR slices, ``kaggle_3m``) may not be redistributed with the
+project, so tests and the ``smoke`` experiment use look-alike data written by
+:func:`write_synthetic_kaggle3m`:
+
+- patient folders ``TCGA_<XX>_<NNNN>_<YYYYMMDD>`` holding ``<folder>_<N>.tif`` (``size x size x 3``
+  uint8, channels pre-contrast, FLAIR, post-contrast) and ``<folder>_<N>_mask.tif``
+  (``size x size`` uint8 with values 0 and 255), slice numbers 1..N, not zero-padded;
+- ``data.csv`` with the real header (``Patient`` = folder name without its date) and some empty
+  fields, as in the real file.
+
+Each volume is a brain-like phantom: a dark background, an ellipsoidal "brain" with smooth
+texture, a bright skull shell, dark ventricles, and one or two lesion blobs that are bright in
+FLAIR (channel 1) over a run of contiguous slices. The mask is exactly the lesion, so a small
+U-Net learns it within a few hundred steps. The first and last slices cut the ellipsoid near its
+poles, like the real volumes whose end slices hold little or no brain.
+
+The builder of the TFDS data set (``datasets/lgg_mri_segmentation``) requires 256x256 slices, as
+in the real download; smaller ``size`` values are for fast tests of code that does not go through
+it (e.g. ``unet_jax.preprocess``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["CSV_HEADER", "write_synthetic_kaggle3m", "write_data_csv", "synthetic_volume"]
+
+#: The header of the real ``data.csv``, in its order.
+CSV_HEADER: tuple[str, ...] = (
+    "Patient",
+    "RNASeqCluster",
+    "MethylationCluster",
+    "miRNACluster",
+    "CNCluster",
+    "RPPACluster",
+    "OncosignCluster",
+    "COCCluster",
+    "histological_type",
+    "neoplasm_histologic_grade",
+    "tumor_tissue_site",
+    "laterality",
+    "tumor_location",
+    "gender",
+    "age_at_initial_pathologic",
+    "race",
+    "ethnicity",
+    "death01",
+)
+
+# Inclusive value ranges of the integer codes in the real data.csv (same order as CSV_HEADER[1:]).
+_CSV_RANGES: tuple[tuple[int, int], ...] = (
+    (1, 4), (1, 5), (1, 4), (1, 3), (1, 4), (1, 3), (1, 3), (1, 3), (1, 2), (1, 1),
+    (1, 3), (1, 6), (1, 2), (20, 75), (1, 3), (1, 2), (0, 1),
+)
+_INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
+
+
+def synthetic_volume(
+    rng: np.random.Generator, num_slices: int, size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one phantom volume.
+
+    Args:
+      rng: source of randomness (the volume is a pure function of its state).
+      num_slices: number of slices Z.
+      size: in-plane size (square).
+
+    Returns:
+      ``(images, masks)``: uint8 arrays of shapes ``(Z, size, size, 3)`` and ``(Z, size, size)``,
+      masks with values in {0, 255}.
+    """
+    f32 = np.float32
+
+    def u(lo: float, hi: float) -> float:
+        # Python floats keep the arithmetic below in float32 (NumPy scalars would promote it).
+        return float(rng.uniform(lo, hi))
+
+    z = np.linspace(-1.0, 1.0, num_slices, dtype=f32)[:, None, None]
+    yx = np.linspace(-1.0, 1.0, size, dtype=f32)
+    y = yx[None, :, None]
+    x = yx[None, None, :]
+
+    # Brain ellipsoid; its z radius sits close to 1 so the end slices cut it near the poles.
+    cy, cx = u(-0.06, 0.06), u(-0.06, 0.06)
+    ry, rx, rz = u(0.6, 0.78), u(0.48, 0.64), u(0.95, 1.1)
+    r2 = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 + (z / rz) ** 2
+    brain = r2 <= 1.0
+    head = r2 <= 1.25
+    skull = head & ~brain
+    ventricles = ((y - cy + 0.05) / (0.25 * ry)) ** 2 + ((x - cx) / (0.18 * rx)) ** 2 + (
+        z / (0.35 * rz)
+    ) ** 2 <= 1.0
+
+    # Smooth texture: coarse noise upsampled linearly, as matrix products (cheap at any size).
+    coarse = rng.standard_normal((max(2, num_slices // 4 + 2), 9, 9, 3), dtype=f32)
+    img = _upsample3(coarse, num_slices, size)
+    img *= 12.0
+    img += np.array([u(80, 150), u(80, 150), u(80, 150)], f32)  # brain level per channel
+    img *= brain[..., None]
+    img *= np.where((ventricles & brain)[..., None], np.array([0.6, 0.35, 0.6], f32), f32(1))
+    img += skull[..., None] * np.array([u(150, 220), u(40, 80), u(150, 220)], f32)
+
+    # Lesions: bright in FLAIR, a little in the other channels, in contiguous slices.
+    mask = np.zeros((num_slices, size, size), bool)
+    for _ in range(int(rng.integers(1, 3))):
+        lz, lrz = u(-0.45, 0.45), u(0.2, 0.45)
+        angle, dist = u(0.0, np.pi), u(0.25, 0.55)
+        side = 1.0 if rng.random() < 0.5 else -1.0
+        ly = cy + side * dist * ry * float(np.sin(angle))
+        lx = cx + dist * rx * float(np.cos(angle))
+        lry, lrx = u(0.09, 0.2), u(0.09, 0.2)
+        blob = ((y - ly) / lry) ** 2 + ((x - lx) / lrx) ** 2 + ((z - lz) / lrz) ** 2 <= 1.0
+        blob &= brain
+        mask |= blob
+        img += blob[..., None] * np.array([u(5, 20), u(70, 100), u(5, 30)], f32)
+
+    # Noise: random crops of one noise field twice the slice size (drawing fresh noise for
+    # every pixel would dominate the run time).
+    field = rng.standard_normal((2 * size, 2 * size, 3), dtype=f32)
+    field *= 3.0
+    offsets = rng.integers(0, size, (num_slices, 2))
+    for k, (oy, ox) in enumerate(offsets):
+        img[k] += field[oy : oy + size, ox : ox + size]
+    # Dark background with a little positive noise, removed by the baseline's 10 % threshold.
+    np.abs(img, out=img)
+    img *= np.where(head, f32(1), f32(0.5))[..., None]
+    np.rint(img, out=img)
+    np.clip(img, 0, 255, out=img)
+    images = img.astype(np.uint8)
+    masks = mask.astype(np.uint8) * np.uint8(255)
+    return images, masks
+
+
+def _linear_upsampling(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) matrix of linear interpolation from n_in to n_out samples (pixel centres)."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    lo = np.minimum(np.floor(pos).astype(int), n_in - 2) if n_in > 1 else np.zeros(n_out, int)
+    frac = (pos - lo).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    m[np.arange(n_out), lo] = 1.0 - frac
+    if n_in > 1:
+        m[np.arange(n_out), lo + 1] += frac
+    return m
+
+
+def _upsample3(coarse: np.ndarray, num_slices: int, size: int) -> np.ndarray:
+    """Trilinear upsampling of (z, y, x, c) noise to (num_slices, size, size, c)."""
+    az = _linear_upsampling(num_slices, coarse.shape[0])
+    ay = _linear_upsampling(size, coarse.shape[1])
+    ax = _linear_upsampling(size, coarse.shape[2])
+    small = np.einsum("Zz,zyxc->Zyxc", az, coarse)
+    small = np.einsum("Yy,Zyxc->ZYxc", ay, small)
+    return np.einsum("Xx,ZYxc->ZYXc", ax, small, optimize=True)
+
+
+def _csv_rows(rng: np.random.Generator, patients: list[str], missing_rate: float) -> list[list[str]]:
+    rows = []
+    for folder in sorted(patients):
+        row = [folder.rsplit("_", 1)[0]]
+        for lo, hi in _CSV_RANGES:
+            row.append("" if rng.random() < missing_rate else str(int(rng.integers(lo, hi + 1))))
+        rows.append(row)
+    return rows
+
+
+def write_data_csv(path: Path | str, rows: list[list[str]], style: str = "comma") -> None:
+    """Write ``data.csv`` rows (without header) with the real header.
+
+    Args:
+      path: output file.
+      rows: one list of 18 strings per patient (``Patient`` first; ``""`` is a missing field).
+      style: ``"comma"`` (``kaggle_3m/data.csv``) or ``"semicolon_crlf"`` (the copy in
+        ``lgg-mri-segmentation/kaggle_3m/data.csv`` of the archive).
+    """
+    Path(path).write_bytes(_csv_bytes(rows, style))
+
+
+def _csv_bytes(rows: list[list[str]], style: str) -> bytes:
+    if style == "comma":
+        delimiter, newline = ",", "\n"
+    elif style == "semicolon_crlf":
+        delimiter, newline = ";", "\r\n"
+    else:
+        raise ValueError(f"unknown data.csv style {style!r}")
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator=newline)
+    writer.writerow(CSV_HEADER)
+    writer.writerows(rows)
+    return buf.getvalue().encode("ascii")
+
+
+def _patient_names(rng: np.random.Generator, num_patients: int) -> list[str]:
+    numbers = rng.choice(9000, size=num_patients, replace=False) + 1000
+    names = []
+    for i, number in enumerate(numbers):
+        inst = _INSTITUTIONS[i % len(_INSTITUTIONS)]
+        year = int(rng.integers(1995, 2006))
+        month, day = int(rng.integers(1, 13)), int(rng.integers(1, 29))
+        names.append(f"TCGA_{inst}_{number}_{year:04d}{month:02d}{day:02d}")
+    return names
+
+
+def write_synthetic_kaggle3m(
+    root: Path | str,
+    num_patients: int = 4,
+    slices: tuple[int, int] = (12, 20),
+    size: int = 256,
+    seed: int = 0,
+    *,
+    layout: Literal["kaggle_3m", "kaggle-zip", "zip"] = "kaggle_3m",
+    missing_rate: float = 0.15,
+) -> Path:
+    """Write a synthetic data set in the layout of the Kaggle LGG download.
+
+    Args:
+      root: output folder (created).
+      num_patients: number of patient folders.
+      slices: inclusive (min, max) number of slices per patient, drawn uniformly.
+      size: in-plane size of each slice (the real data and the TFDS builder use 256).
+      seed: the data set is a pure function of the arguments.
+      layout: ``"kaggle_3m"``: ``root/kaggle_3m`` only. ``"kaggle-zip"``: the archive as it unpacks,
+        ``root/kaggle_3m`` (comma ``data.csv``) and an identical copy
+        ``root/lgg-mri-segmentation/kaggle_3m`` (``;``-separated ``data.csv`` with CRLF), like
+        ``restore.py --layout kaggle-zip``. ``"zip"``: those two copies inside one archive
+        ``root/lgg-mri-segmentation.zip`` and nothing unpacked.
+      missing_rate: probability that a data.csv field is empty.
+
+    Returns:
+      The ``kaggle_3m`` folder (``root/kaggle_3m``), or the zip file for ``layout="zip"``.
+    """
+    if layout not in ("kaggle_3m", "kaggle-zip", "zip"):
+        raise ValueError(f"unknown layout {layout!r}")
+    lo, hi = slices
+    if not 1 <= lo <= hi:
+        raise ValueError(f"slices must be (min, max) with 1 <= min <= max, got {slices}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patients = _patient_names(rng, num_patients)
+    rows = _csv_rows(rng, patients, missing_rate)
+
+    # Encode every file once, then write it to each copy (the archive holds the data twice).
+    files: dict[str, bytes] = {}
+    for folder in patients:
+        images, masks = synthetic_volume(rng, int(rng.integers(lo, hi + 1)), size)
+        for n, (image, mask) in enumerate(zip(images, masks), start=1):
+            for name, pixels in ((f"{folder}_{n}.tif", image), (f"{folder}_{n}_mask.tif", mask)):
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="TIFF")
+                files[f"{folder}/{name}"] = buf.getvalue()
+    csv_bytes = {style: _csv_bytes(rows, style) for style in ("comma", "semicolon_crlf")}
+
+    copies = [("kaggle_3m", "comma")]
+    if layout != "kaggle_3m":
+        copies.append(("lgg-mri-segmentation/kaggle_3m", "semicolon_crlf"))
+    if layout == "zip":
+        archive = root / "lgg-mri-segmentation.zip"
+        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+            for prefix, style in copies:
+                zf.writestr(f"{prefix}/data.csv", csv_bytes[style])
+                for rel, data in files.items():
+                    zf.writestr(f"{prefix}/{rel}", data)
+        return archive
+    for prefix, style in copies:
+        base = root / prefix
+        for folder in patients:
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        for rel, data in files.items():
+            (base / rel).write_bytes(data)
+        (base / "data.csv").write_bytes(csv_bytes[style])
+    return root / "kaggle_3m"
