@@ -143,3 +143,25 @@ def test_different_config_on_existing_workdir_is_refused(tmp_path):
     prepare_workdir(Config(name="b"), tmp_path, restart=True)
     assert not (tmp_path / "metrics.jsonl").exists()
     assert json.loads((tmp_path / "config.json").read_text())["name"] == "b"
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    # Evaluate (and so checkpoint) only every 2 epochs; Ctrl-C at the end of epoch 1 (step 4)
+    # must save step 4 itself before the exception propagates.
+    cfg = Config(name="int", features=4, image_size=32, batch_size=8, epochs=2, eval_every_epochs=2,
+                 learning_rate=3e-3, write_report=False, log_every_steps=1, seed=2)
+    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+
+    def interrupt(epoch, _):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_and_evaluate(cfg, tmp_path, data=data, progress=False, on_epoch_end=interrupt)
+    ck = TrainCheckpoints(tmp_path)
+    assert ck.latest.latest_step() == 4
+    ck.close()
+    summary = train_and_evaluate(cfg, tmp_path, data=data, progress=False)
+    assert summary["step"] == 8
+    assert [r["step"] for r in _records(tmp_path, "train")] == list(range(1, 9))

@@ -376,8 +376,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
                     last_eval = {"type": "eval", "step": done, "epoch": epoch, **summary,
                                  "best": is_best}
                     log.write(last_eval)
-                    if on_epoch_end is not None:
-                        on_epoch_end(epoch, last_eval)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, last_eval)
             if (config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0
                     and ckpts.latest.latest_step() != done):
                 flush(done)

@@ -37,11 +37,11 @@ def get_config() -> Config:
         aug_flip=0.5,
         features=16,
         batch_size=16,
-        epochs=12,
+        epochs=7,
         learning_rate=1e-3,
         weight_decay=1e-4,
         schedule="cosine",
-        warmup_epochs=1.0,
+        warmup_epochs=0.5,
         final_lr_fraction=0.0,
         loss="dice",
     )
