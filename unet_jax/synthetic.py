@@ -30,31 +30,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from datasets.lgg_mri_segmentation.kaggle import CSV_FIELDS
 from PIL import Image
 
 __all__ = ["CSV_HEADER", "write_synthetic_kaggle3m", "write_data_csv", "synthetic_volume"]
 
-#: The header of the real ``data.csv``, in its order.
-CSV_HEADER: tuple[str, ...] = (
-    "Patient",
-    "RNASeqCluster",
-    "MethylationCluster",
-    "miRNACluster",
-    "CNCluster",
-    "RPPACluster",
-    "OncosignCluster",
-    "COCCluster",
-    "histological_type",
-    "neoplasm_histologic_grade",
-    "tumor_tissue_site",
-    "laterality",
-    "tumor_location",
-    "gender",
-    "age_at_initial_pathologic",
-    "race",
-    "ethnicity",
-    "death01",
-)
+#: The header of the real ``data.csv``, in its order (the builder's fields after ``Patient``).
+CSV_HEADER: tuple[str, ...] = ("Patient",) + CSV_FIELDS
 
 # Inclusive value ranges of the integer codes in the real data.csv (same order as CSV_HEADER[1:]).
 _CSV_RANGES: tuple[tuple[int, int], ...] = (
