@@ -1,0 +1,205 @@
+"""The side-by-side benchmarks keep working: benchmarks/epoch_time.py, benchmarks/input_pipeline.py
+and their harness (benchmarks/harness.py), run for 1-2 steps at tiny size on synthetic data.
+
+Sizes: images stored at 64 and resized on the fly to 32 (so the resize paths run too), U-Net
+features 4, batch 4. XLA:CPU compiles the threefry PRNG slowly (the U-Net's ~50 parameter
+initialisers alone take tens of seconds on a loaded 2-core machine), so the test that builds the
+unet_jax Trainer switches JAX to the ``unsafe_rbg`` PRNG for its duration: the same code paths,
+other random numbers, a fraction of the compile time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import epoch_time, harness, input_pipeline
+from benchmarks.torch_baseline.unet import UNet as TorchUNet
+
+TINY_DATA = ["--synthetic", "4,12,64", "--image-size", "32"]
+
+
+def _finite_positive(x: float) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def _check_summary(s: dict, n: int) -> None:
+    assert s["n"] == n and len(s["values"]) == n
+    assert all(_finite_positive(v) for v in s["values"])
+    assert s["min"] <= s["median"] <= s["max"]
+
+
+@pytest.fixture
+def fast_prng():
+    old = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "unsafe_rbg")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_default_prng_impl", old)
+
+
+# ----------------------------------------------------------------------------- harness pieces
+
+
+def _torch_hook_flops(features: int, size: int) -> int:
+    """Independent count: 2 x MACs of every Conv2d / ConvTranspose2d from the shapes seen by
+    forward hooks of the PyTorch model on the meta device (no arithmetic is done)."""
+    model = TorchUNet(3, 1, features).to("meta")
+    total = [0]
+
+    def hook(mod, inputs, output):
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        if isinstance(mod, torch.nn.ConvTranspose2d):  # every input pixel meets Cout * k taps
+            total[0] += 2 * inputs[0][0].numel() * mod.out_channels * k
+        else:  # every output pixel meets Cin * k taps
+            total[0] += 2 * output[0].numel() * mod.in_channels * k
+
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(hook)
+    model(torch.zeros((1, 3, size, size), device="meta"))
+    return total[0]
+
+
+@pytest.mark.parametrize("features,size", [(4, 32), (8, 64), (32, 256)])
+def test_forward_flops_match_an_independent_count(features, size):
+    assert harness.unet_forward_flops(features, size) == _torch_hook_flops(features, size)
+
+
+def test_training_flops_of_the_baseline_model():
+    # REFERENCE.md: about 24 GFLOP forward and 73 GFLOP per training image at 256x256, 32 features.
+    assert 23.5e9 < harness.unet_forward_flops(32, 256) < 24.5e9
+    assert harness.training_flops_per_example(32, 256) == 3 * harness.unet_forward_flops(32, 256)
+    assert 72e9 < harness.training_flops_per_example(32, 256) < 74e9
+    assert harness.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert harness.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert harness.peak_tflops("cpu") is None
+
+
+def test_summarize_and_format():
+    s = harness.summarize([3.0, 1.0, 2.0, 10.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
+    assert harness.fmt_summary(s) == "2.5 (1.0-10.0)"
+    assert harness.fmt_summary(None) == "-"
+    with pytest.raises(ValueError):
+        harness.summarize([])
+
+
+def test_load_data_without_data_dir_is_synthetic_and_labelled(tmp_path):
+    split, label = harness.load_data(str(tmp_path / "absent"), synthetic=(3, 5, 32))
+    assert label.startswith("SYNTHETIC") and "absent" in label
+    assert split.images.shape == (15, 32, 32, 3) and split.images.dtype == np.uint8
+    assert split.masks.max() == 1 and len(split.patients) == 3
+    sub, label = harness.load_data(None, patients=2, synthetic=(3, 5, 32))
+    assert sub.num_examples == 10 and "first 2 patients" in label
+    harness.save_split(split, tmp_path / "cache")
+    back = harness.load_saved_split(tmp_path / "cache")
+    for name in ("images", "masks", "volume", "slice_index", "mean", "std"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(split, name))
+    assert back.patients == split.patients
+
+
+def test_baseline_volumes_are_the_normalised_slices():
+    split = harness.synthetic_split(3, 4, 16, seed=1)
+    vols = harness.baseline_volumes(split)
+    assert len(vols) == 3
+    for v, (image, mask) in enumerate(vols):
+        rows = split.volume_slices(v)
+        want = (split.images[rows] / 255.0 - split.mean[v]) / split.std[v]
+        np.testing.assert_allclose(image, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(mask, split.masks[rows].astype(np.float32))
+
+
+def test_resize_pair_keeps_masks_binary():
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((64, 64, 3)).astype(np.float32)
+    mask = np.zeros((64, 64, 1), np.float32)
+    mask[10:30, 20:50] = 1
+    x, y = harness.ResizePair(32)((image, mask))
+    assert x.shape == (32, 32, 3) and y.shape == (32, 32, 1)
+    assert set(np.unique(y)) == {0.0, 1.0}
+    assert y.sum() == pytest.approx(mask.sum() / 4, rel=0.1)
+
+
+# ----------------------------------------------------------------------------- epoch_time
+
+
+def test_epoch_time_runs_all_variants(tmp_path, fast_prng):
+    out = tmp_path / "epoch.json"
+    res = epoch_time.main([*TINY_DATA, "--inprocess", "--features", "4", "--batch", "4",
+                           "--steps", "1", "--reps", "2", "--tuned-workers", "0",
+                           "--out", str(out)])
+    rows = {r["variant"]: r for r in res["results"]}
+    assert set(rows) == {"baseline", "torch_tuned", "unet_jax"}
+    assert res["data"].startswith("SYNTHETIC") and "64->32" in res["resize"]
+    ref = rows["unet_jax"]
+    for name, r in rows.items():
+        for task in epoch_time.TASKS:
+            _check_summary(r[task], 2)
+            assert r["ratio_unet_jax"][task] == pytest.approx(ref[task]["median"] / r[task]["median"])
+        # Projected epoch = the real split's 3,336 examples over the data-included rate.
+        want = sorted(3336 / v for v in r["step_data"]["values"])
+        assert sorted(r["epoch_s"]["values"]) == pytest.approx(want)
+        assert r["ratio_unet_jax"]["epoch"] == pytest.approx(
+            r["epoch_s"]["median"] / ref["epoch_s"]["median"])
+        assert _finite_positive(float(r["peak_mem_mb"]))
+        assert all(math.isfinite(x["loss"]) for x in res["raw"][name]["step_data"])
+        assert f"| `{name}` |" in res["table"]
+    assert all(v == pytest.approx(1.0) for v in ref["ratio_unet_jax"].values())
+    flops = res["flops"]
+    assert flops["analytic_forward_per_example"] == harness.unet_forward_flops(4, 32)
+    # XLA's own count of the forward pass is within 20% of the analytic one (it skips the
+    # zero-padding taps, which matter at 32x32, and adds the elementwise work).
+    assert flops["xla_forward_per_example"] == pytest.approx(
+        flops["analytic_forward_per_example"], rel=0.2)
+    saved = json.loads(out.read_text())
+    assert saved["table"] == res["table"] and len(saved["results"]) == 3
+
+
+def test_epoch_time_rejects_too_little_data():
+    with pytest.raises(SystemExit):
+        epoch_time.main(["--synthetic", "1,4,32", "--image-size", "32", "--batch", "4",
+                         "--steps", "2", "--inprocess"])
+
+
+# ----------------------------------------------------------------------------- input_pipeline
+
+
+def test_input_pipeline_in_worker_processes(tmp_path):
+    # Worker processes, as in a measured run: forked DataLoader workers (0 and 2) included.
+    out = tmp_path / "ip.json"
+    res = input_pipeline.main([*TINY_DATA, "--batch-sizes", "4", "--workers", "0,2",
+                               "--steps", "2", "--baseline-steps", "2", "--reps", "2",
+                               "--out", str(out)])
+    rows = res["results"]
+    assert [(r["pipeline"], r["workers"]) for r in rows] == [
+        ("unet_jax", None), ("baseline", 0), ("baseline", 2)]
+    for r in rows:
+        _check_summary(r["examples_per_s"], 2)
+    assert {s["baseline_workers"] for s in res["speedups"]} == {0, 2}
+    for s in res["speedups"]:
+        base = next(r for r in rows if r["workers"] == s["baseline_workers"])
+        assert s["speedup"] == pytest.approx(rows[0]["examples_per_s"]["median"]
+                                             / base["examples_per_s"]["median"])
+    assert res["goal"].startswith("goal (>= 20x")
+    assert res["infos"]["unet_jax"]["process"] == "subprocess"
+    assert json.loads(out.read_text())["table"] == res["table"]
+
+
+def test_input_pipeline_analyse_by_hand():
+    tasks = [("unet_jax", {"batch": 16}), ("baseline", {"batch": 16, "workers": 0}),
+             ("baseline", {"batch": 16, "workers": 2})]
+    results = {0: [{"examples_per_s": 900.0}, {"examples_per_s": 1100.0}],
+               1: [{"examples_per_s": 25.0, "startup_s": 1.0}] * 2,
+               2: [{"examples_per_s": 50.0, "startup_s": 1.0}] * 2}
+    rows, speedups = input_pipeline.analyse(tasks, results)
+    assert rows[0]["examples_per_s"]["median"] == 1000.0
+    assert [(s["baseline_workers"], s["speedup"]) for s in speedups] == [(0, 40.0), (2, 20.0)]
+    table = input_pipeline.format_table(rows, speedups)
+    assert "| 16 | 40.0x | 20.0x (N=2) |" in table

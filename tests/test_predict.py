@@ -1,0 +1,489 @@
+"""`python -m unet_jax.predict`: geometry, grouping, LCC, outputs, bad input, and agreement with
+the training evaluation (smoke run) and with the PyTorch reference (converted baseline model).
+
+All on generated data: small synthetic kaggle_3m patients (96x96 .tif with masks), a non-square
+patient folder of PNGs, a single-channel FLAIR slice; models are tiny and random (their final
+bias shifted so that about a fifth of the pixels are predicted, in several components).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from scipy import ndimage
+
+from unet_jax import preprocess
+from unet_jax.checkpoint import build_model, load_model, save_model_checkpoint
+from unet_jax.config import Config
+from unet_jax.input_pipeline import resize_batch
+from unet_jax.model import BatchNorm
+from unet_jax.predict import main, predict
+from unet_jax.synthetic import synthetic_volume, write_synthetic_kaggle3m
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_csv(out: Path) -> list[dict[str, str]]:
+    with open(out / "predictions.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _masks(out: Path, volume: str) -> dict[str, np.ndarray]:
+    """{slice stem: bool mask} of one output volume, from its PNGs."""
+    found = {}
+    for p in sorted((out / volume).glob("*_pred.png")):
+        with Image.open(p) as im:
+            arr = np.asarray(im)
+        assert im.mode == "L" and set(np.unique(arr).tolist()) <= {0, 255}, p
+        found[p.name[: -len("_pred.png")]] = arr == 255
+    return found
+
+
+def _stack(out: Path, volume: str, stems: list[str]) -> np.ndarray:
+    masks = _masks(out, volume)
+    return np.stack([masks[s] for s in stems])
+
+
+def _largest_component(volume: np.ndarray) -> np.ndarray:
+    """Independent reference: largest 3D face-connected component (first label on ties)."""
+    labels, n = ndimage.label(volume)
+    if n == 0:
+        return volume.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def _write_png16_rgb(path: Path, rgb: np.ndarray) -> None:
+    """A 16-bit RGB PNG, written by hand (Pillow cannot write one)."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\0" + rgb[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _no_leftovers(out: Path) -> bool:
+    return not out.exists() and not list(out.parent.glob(out.name + ".partial-*"))
+
+
+def _read_slices(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    files = sorted(folder.glob(f"{prefix}_*"), key=lambda p: p.stem)
+    images = [p for p in files if not p.stem.endswith("_mask")]
+    images.sort(key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    imgs = np.stack([np.asarray(Image.open(p)) for p in images])
+    masks = np.stack([np.asarray(Image.open(p.with_name(p.stem + "_mask" + p.suffix)))
+                      for p in images])
+    return imgs, masks
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Inputs: a kaggle_3m root of 2 patients (96x96 .tif), a non-square PNG patient (120x88,
+    masks beside), a lone single-channel FLAIR slice (72x80, no mask)."""
+    base = tmp_path_factory.mktemp("predict_data")
+    root = write_synthetic_kaggle3m(base / "synth", num_patients=2, slices=(6, 7), size=96, seed=3)
+    rng = np.random.default_rng(5)
+    images, masks = synthetic_volume(rng, 7, size=128)
+    nsq = base / "nonsquare" / "NSQ"
+    nsq.mkdir(parents=True)
+    for k in range(7):
+        Image.fromarray(images[k, 8:128, 20:108]).save(nsq / f"NSQ_{k + 1}.png")
+        Image.fromarray(masks[k, 8:128, 20:108]).save(nsq / f"NSQ_{k + 1}_mask.png")
+    lone_img, _ = synthetic_volume(np.random.default_rng(6), 3, size=80)
+    lone = base / "single" / "flair.png"
+    lone.parent.mkdir()
+    Image.fromarray(lone_img[1, 4:76, :, 1]).save(lone)  # mode L, 72x80
+    return {"root": root, "nonsquare": nsq, "lone": lone, "base": base}
+
+
+def _gap_cut(logits: np.ndarray) -> tuple[float, float]:
+    """A logit value to threshold at so that 5-40% of the pixels are above it: the middle of
+    the widest gap between neighbouring values there (a cut among densely packed values, or
+    inside a plateau of equal ones such as the background, would make the masks float ties).
+    Returns (cut, half the gap: the distance of every pixel from the cut)."""
+    flat = np.sort(logits.ravel())
+    sub = flat[int(0.6 * flat.size): int(0.95 * flat.size)]
+    i = int(np.argmax(np.diff(sub)))
+    return float(sub[i] + sub[i + 1]) / 2, float(sub[i + 1] - sub[i]) / 2
+
+
+def _model_input(images: np.ndarray, config: Config) -> jnp.ndarray:
+    """The model input of a volume for a baseline-config model, built here step by step."""
+    pv = preprocess.preprocess_volume(images, size=256)
+    x = preprocess.standardise(pv.image, pv.channel_mean, pv.channel_std)
+    return resize_batch(jnp.asarray(x), jnp.zeros(x.shape[:3] + (1,)), config.image_size)[0]
+
+
+def _calibrated(config: Config, x: jnp.ndarray, seed: int = 0):
+    """A random model of ``config`` with BatchNorm statistics of ``x`` (so its logits vary at
+    the scale of 1, not of float rounding) and a final bias that puts part of the pixels of
+    ``x`` above 0, in several components, with no pixel near the threshold."""
+    model = build_model(config, seed=seed)
+    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+    for m in norms:
+        m.momentum = 1.0  # the running statistics become those of this one batch
+    model.train()
+    model(x)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+    cut, _ = _gap_cut(np.asarray(model(x)))
+    model.conv.bias[...] = model.conv.bias[...] - cut
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data, tmp_path_factory) -> Path:
+    """A tiny baseline-config checkpoint (4 features, model input 64)."""
+    config = Config(name="tiny", features=4, image_size=64, dataset_config="baseline")
+    patient = sorted(p for p in data["root"].iterdir() if p.is_dir())[0]
+    images, _ = _read_slices(patient, patient.name)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    return save_model_checkpoint(out, _calibrated(config, _model_input(images, config)), config)
+
+
+@pytest.fixture(scope="module")
+def run_lcc(checkpoint, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "lcc"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(data["root"]),
+                 str(data["nonsquare"]), str(data["lone"]), "--output", str(out),
+                 "--batch-size", "8"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_no_lcc(checkpoint, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "nolcc"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(data["root"]),
+                 str(data["nonsquare"]), str(data["lone"]), "--output", str(out),
+                 "--batch-size", "8", "--no-lcc"]) == 0
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def test_masks_overlays_gifs_in_each_inputs_own_geometry(run_lcc, data):
+    rows = _read_csv(run_lcc)
+    patients = sorted(p.name for p in data["root"].iterdir() if p.is_dir())
+    volumes = {r["volume"]: r for r in rows if r["level"] == "volume"}
+    assert sorted(volumes) == sorted(patients + ["NSQ", "flair"])
+    expected_size = {**{p: (96, 96) for p in patients}, "NSQ": (120, 88), "flair": (72, 80)}
+    for name, (h, w) in expected_size.items():
+        slice_rows = [r for r in rows if r["volume"] == name and r["level"] == "slice"]
+        n = len(slice_rows)
+        assert int(volumes[name]["slices"]) == n
+        masks = _masks(run_lcc, name)
+        assert len(masks) == n
+        for r in slice_rows:
+            stem = Path(r["input"]).stem
+            assert masks[stem].shape == (h, w)
+            assert int(r["lesion_pixels"]) == int(masks[stem].sum())
+            with Image.open(run_lcc / name / f"{stem}_overlay.png") as im:
+                assert im.mode == "RGB" and im.size == (w, h)
+                im.load()
+        with Image.open(run_lcc / name / f"{name}.gif") as gif:
+            assert gif.format == "GIF" and gif.n_frames == n
+            for k in range(n):
+                gif.seek(k)
+                gif.convert("RGB")
+        total = sum(int(r["lesion_pixels"]) for r in slice_rows)
+        assert int(volumes[name]["lesion_pixels"]) == total
+    # Ground truth was found beside the slices, and metrics reported per volume (not for the
+    # lone slice without a mask).
+    for name in patients + ["NSQ"]:
+        v = volumes[name]
+        assert v["dsc"] != "" and v["dsc_model_lcc"] != "" and 0 <= float(v["dsc"]) <= 1
+    assert volumes["flair"]["dsc"] == "" and volumes["flair"]["channels"] == "1"
+    settings = json.loads((run_lcc / "predict.json").read_text())
+    assert any("single-channel" in s for s in settings["notices"])
+
+
+def test_dropped_slices_are_empty_and_masks_stay_in_the_crop(run_lcc, data):
+    """Baseline config: the first and last slice are never processed and come back empty, and
+    predictions lie inside the crop box, computed here from the thresholded kept slices."""
+    rows = _read_csv(run_lcc)
+    for folder in [p for p in data["root"].iterdir() if p.is_dir()] + [data["nonsquare"]]:
+        name = folder.name
+        images, _ = _read_slices(folder, name)
+        slice_rows = sorted((r for r in rows if r["volume"] == name and r["level"] == "slice"),
+                            key=lambda r: int(r["slice"]))
+        stems = [Path(r["input"]).stem for r in slice_rows]
+        pred = _stack(run_lcc, name, stems)
+        assert [r["processed"] for r in slice_rows] == ["0"] + ["1"] * (len(stems) - 2) + ["0"]
+        assert not pred[0].any() and not pred[-1].any()
+        kept = images[1:-1]
+        inside = (kept >= 0.1 * kept.max()) & (kept > 0)
+        ys = np.flatnonzero(inside.any(axis=(0, 2, 3)))
+        xs = np.flatnonzero(inside.any(axis=(0, 1, 3)))
+        box = np.zeros(pred.shape[1:], bool)
+        box[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] = True
+        assert pred.any() and not (pred & ~box).any()
+
+
+def test_lcc_on_off_changes_exactly_the_smaller_components(run_lcc, run_no_lcc):
+    rows_on, rows_off = _read_csv(run_lcc), _read_csv(run_no_lcc)
+    # Everything but the masks' content is the same.
+    assert [(r["volume"], r["input"], r["processed"]) for r in rows_on] == \
+        [(r["volume"], r["input"], r["processed"]) for r in rows_off]
+    several = 0
+    for v in (r["volume"] for r in rows_on if r["level"] == "volume"):
+        stems = [Path(r["input"]).stem for r in rows_on if r["volume"] == v and r["level"] == "slice"]
+        on, off = _stack(run_lcc, v, stems), _stack(run_no_lcc, v, stems)
+        np.testing.assert_array_equal(on, _largest_component(off))
+        several += ndimage.label(off)[1] > 1
+        # The model-resolution metrics do not depend on the flag.
+        von = next(r for r in rows_on if r["volume"] == v and r["level"] == "volume")
+        voff = next(r for r in rows_off if r["volume"] == v and r["level"] == "volume")
+        assert von["dsc_model_lcc"] == voff["dsc_model_lcc"]
+    assert several >= 2  # the test means something: LCC removed components
+
+
+def test_a_folder_gives_the_same_result_as_its_slices_given_one_by_one(checkpoint, data, tmp_path):
+    folder = data["nonsquare"]
+    files = sorted(str(p) for p in folder.iterdir())  # a glob: masks included, any order
+    files = files[::2] + files[1::2]
+    out_a, out_b = tmp_path / "folder", tmp_path / "files"
+    assert main(["--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out_a),
+                 "--no-progress"]) == 0
+    assert main(["--checkpoint", str(checkpoint), "--input", *files, "--output", str(out_b),
+                 "--no-progress"]) == 0
+    assert _read_csv(out_a) == _read_csv(out_b)
+    names_a = sorted(p.relative_to(out_a).as_posix() for p in out_a.rglob("*") if p.is_file())
+    names_b = sorted(p.relative_to(out_b).as_posix() for p in out_b.rglob("*") if p.is_file())
+    assert names_a == names_b and len(names_a) == 2 * 7 + 3
+    for name in names_a:
+        if name.endswith(".png"):
+            np.testing.assert_array_equal(np.asarray(Image.open(out_a / name)),
+                                          np.asarray(Image.open(out_b / name)))
+
+
+def test_raw_config_checkpoint(data, tmp_path):
+    """A raw-config model: every slice processed, volume statistics of image/255, masks back in
+    the input's (non-square) size."""
+    config = Config(name="tiny_raw", features=4, image_size=64, dataset_config="raw")
+    # Reference input: the volume standardised by its own statistics of image/255, resized to
+    # 64 as in training.
+    images, _ = _read_slices(data["nonsquare"], "NSQ")
+    x = images / 255.0
+    mean, std = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
+    xn = ((images.astype(np.float32) / 255.0 - mean.astype(np.float32)) / std.astype(np.float32))
+    xr, _ = resize_batch(jnp.asarray(xn), jnp.zeros(xn.shape[:3] + (1,)), 64)
+    ckpt = save_model_checkpoint(tmp_path / "raw_ckpt", _calibrated(config, xr, seed=1), config)
+    out = tmp_path / "out"
+    summary = predict(ckpt, [data["nonsquare"]], out, progress=False, log=lambda s: None)
+    assert summary.volumes == 1 and summary.slices == 7
+    rows = _read_csv(out)
+    assert [r["processed"] for r in rows if r["level"] == "slice"] == ["1"] * 7
+    # The loaded model's predictions mapped back by nearest neighbour (the preprocess module's
+    # order-0 rule), then the largest component.
+    model, _, _ = load_model(ckpt)
+    pred = np.asarray(model(xr))[..., 0] >= 0
+    iy, ix = preprocess.nearest_indices(64, 120), preprocess.nearest_indices(64, 88)
+    ref = _largest_component(pred[:, iy][:, :, ix])
+    got = _stack(out, "NSQ", [f"NSQ_{k}" for k in range(1, 8)])
+    assert ref.any() and not ref.all()
+    np.testing.assert_array_equal(got, ref)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _fails(capsys, argv, out: Path, *expected: str) -> str:
+    """Run the CLI expecting exit status 2 with messages; nothing new may appear at ``out``."""
+    existed = out.exists()
+    code = main(argv + ["--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for e in expected:
+        assert e in err, (e, err)
+    assert "Traceback" not in err
+    assert out.exists() == existed and not list(out.parent.glob(out.name + ".partial-*"))
+    return err
+
+
+def test_bad_inputs_give_clear_errors_and_write_nothing(checkpoint, data, tmp_path, capsys):
+    ck = ["--checkpoint", str(checkpoint), "--input"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    junk = bad / "junk_1.tif"
+    junk.write_bytes(b"this is not a TIFF file")
+    _fails(capsys, ck + [str(junk)], tmp_path / "o1", "junk_1.tif", "cannot read")
+    rgba = bad / "rgba_1.png"
+    Image.fromarray(np.zeros((16, 16, 4), np.uint8)).save(rgba)
+    _fails(capsys, ck + [str(rgba)], tmp_path / "o2", "rgba_1.png", "channel")
+    deep = bad / "deep_1.png"
+    Image.fromarray(np.zeros((16, 16), np.uint16)).save(deep)
+    _fails(capsys, ck + [str(deep)], tmp_path / "o3", "deep_1.png", "8-bit")
+    # 16-bit RGB: Pillow would silently read it as 8-bit RGB.
+    deep_rgb = bad / "deeprgb_1.png"
+    _write_png16_rgb(deep_rgb, np.full((16, 16, 3), 40000, np.uint16))
+    _fails(capsys, ck + [str(deep_rgb)], tmp_path / "o3b", "deeprgb_1.png", "16-bit")
+    two = bad / "two_1.png"
+    Image.fromarray(np.zeros((16, 16, 2), np.uint8), "LA").save(two)
+    _fails(capsys, ck + [str(two)], tmp_path / "o3c", "two_1.png", "2 channels")
+    jpg = bad / "photo_1.jpg"
+    jpg.write_bytes(b"x")
+    _fails(capsys, ck + [str(jpg)], tmp_path / "o4", "unsupported file type")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _fails(capsys, ck + [str(empty)], tmp_path / "o5", "empty folder")
+    _fails(capsys, ck + [str(tmp_path / "nope")], tmp_path / "o6", "no such file")
+    # A checkpoint that is not ours.
+    notours = tmp_path / "notours"
+    (notours / "0").mkdir(parents=True)
+    (notours / "0" / "weights.bin").write_bytes(b"\0" * 8)
+    _fails(capsys, ["--checkpoint", str(notours), "--input", str(data["lone"])],
+           tmp_path / "o7", "not a unet_jax checkpoint")
+    _fails(capsys, ["--checkpoint", str(tmp_path / "missing"), "--input", str(data["lone"])],
+           tmp_path / "o8", "does not exist")
+
+
+def test_output_that_would_overwrite_or_mix_with_inputs_is_refused(checkpoint, data, tmp_path,
+                                                                   capsys):
+    ck = ["--checkpoint", str(checkpoint), "--input", str(data["nonsquare"])]
+    before = sorted(p.name for p in data["nonsquare"].iterdir())
+    _fails(capsys, ck, data["nonsquare"], "would overwrite")
+    _fails(capsys, ck, data["nonsquare"] / "pred", "inside the input folder")
+    _fails(capsys, ck, data["nonsquare"].parent, "would overwrite")
+    _fails(capsys, ["--checkpoint", str(checkpoint), "--input", str(data["lone"])],
+           data["lone"], "exists and is not a folder")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    _fails(capsys, ck, full, "not empty")
+    assert (full / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in data["nonsquare"].iterdir()) == before
+
+
+def test_a_failure_mid_run_leaves_nothing_that_looks_complete(checkpoint, data, tmp_path, capsys):
+    """The second volume's file is truncated (its header reads fine): the first volume was
+    already written, and is removed with the unfinished output."""
+    src = data["nonsquare"]
+    good = tmp_path / "in" / "AAA"
+    badv = tmp_path / "in" / "ZZZ"
+    good.mkdir(parents=True)
+    badv.mkdir()
+    for k in range(1, 4):
+        (good / f"AAA_{k}.png").write_bytes((src / f"NSQ_{k}.png").read_bytes())
+        data_bytes = (src / f"NSQ_{k}.png").read_bytes()
+        (badv / f"ZZZ_{k}.png").write_bytes(data_bytes if k != 2 else data_bytes[: len(data_bytes) // 2])
+    out = tmp_path / "out"
+    err = _fails(capsys, ["--checkpoint", str(checkpoint), "--input", str(good), str(badv)],
+                 out, "ZZZ_2.png")
+    assert _no_leftovers(out), err
+    # An empty existing output folder is fine, and is where the results go.
+    out.mkdir()
+    assert main(["--checkpoint", str(checkpoint), "--input", str(good), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert (out / "predictions.csv").is_file() and (out / "AAA" / "AAA.gif").is_file()
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def test_converted_torch_model_gives_the_pytorch_reference_masks(data, tmp_path):
+    torch = pytest.importorskip("torch", reason="the `baseline` extra (torch) is needed")
+    from benchmarks.torch_baseline.unet import UNet as TorchUNet
+    from benchmarks.torch_baseline.unet import randomize_batchnorm_stats
+    from unet_jax.convert import main as convert_main
+
+    patient = sorted(p for p in data["root"].iterdir() if p.is_dir())[1]
+    images, _ = _read_slices(patient, patient.name)
+    pv = preprocess.preprocess_volume(images, size=256)
+    x = preprocess.standardise(pv.image, pv.channel_mean, pv.channel_std)
+    torch.manual_seed(0)
+    tm = randomize_batchnorm_stats(TorchUNet(3, 1, 8), seed=1)
+    # Running statistics of this volume (one training-mode pass with momentum 1), keeping the
+    # random affine parameters: default statistics leave the logits within ~1e-3 of each other,
+    # packed at float rounding distance, where the two frameworks' last-bit differences would
+    # decide the mask.
+    norms = [m for m in tm.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = 1.0
+    tm.train()
+    with torch.no_grad():
+        tm(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+    for m in norms:
+        m.momentum = 0.1
+    tm.eval()
+
+    def torch_logits():
+        with torch.no_grad():
+            return tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()[:, 0]
+
+    cut, _ = _gap_cut(torch_logits())
+    with torch.no_grad():  # part of the pixels predicted, in several components
+        tm.conv.bias -= cut
+    logits = torch_logits()
+    # No float ties: every logit is farther from the threshold than the frameworks differ
+    # (measured: at most ~2.4e-6 near the threshold for this model and volume).
+    print(f"closest logit to the threshold: {np.abs(logits).min():.2e}")
+    assert np.abs(logits).min() > 1e-5
+    pt = tmp_path / "unet.pt"
+    torch.save(tm.state_dict(), pt)
+    assert convert_main([str(pt), str(tmp_path / "converted")]) == 0
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(tmp_path / "converted"), "--input", str(patient),
+                 "--output", str(out), "--no-progress"]) == 0
+    n = images.shape[0]
+    stems = [f"{patient.name}_{k}" for k in range(1, n + 1)]
+    got = _stack(out, patient.name, stems)
+    # Reference: sigmoid >= 0.5 of the PyTorch logits, back to the slices, largest component.
+    ref_model = torch.sigmoid(torch.from_numpy(logits)).numpy() >= 0.5
+    ref = _largest_component(preprocess.restore_prediction(ref_model, pv.geometry))
+    assert ref.any() and ndimage.label(preprocess.restore_prediction(ref_model, pv.geometry))[1] > 1
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.fixture(scope="module")
+def smoke_workdir(tmp_path_factory) -> Path:
+    """The smoke experiment, shrunk to ~1 minute on 2 CPU cores: 8 patients of 8-10 slices,
+    2 epochs of batch 2 (40 steps, so BatchNorm's running statistics have moved)."""
+    from experiments.run import main as run_main
+
+    wd = tmp_path_factory.mktemp("smoke") / "wd"
+    overrides = ["epochs=2", "synthetic_patients=8", "synthetic_slices=8,10", "batch_size=2",
+                 "warmup_epochs=0.2", "write_report=false"]
+    argv = ["--exp=smoke", "--workdir", str(wd)]
+    for o in overrides:
+        argv += ["--set", o]
+    assert run_main(argv) == 0
+    return wd
+
+
+@pytest.mark.slow
+def test_dsc_equals_the_training_evaluation_on_the_same_patients(smoke_workdir, tmp_path):
+    wd = smoke_workdir
+    with open(wd / "per_patient.csv", newline="") as f:
+        evaluation = {r["patient"]: r for r in csv.DictReader(f)}
+    root = wd / "synthetic" / "manual" / "kaggle_3m"
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(wd), "--input", *[str(root / p) for p in evaluation],
+                 "--output", str(out), "--no-progress"]) == 0
+    got = {r["volume"]: r for r in _read_csv(out) if r["level"] == "volume"}
+    assert sorted(got) == sorted(evaluation)
+    for p, ev in evaluation.items():
+        assert int(got[p]["processed"]) == int(ev["slices"])
+        assert float(got[p]["dsc_model_lcc"]) == pytest.approx(float(ev["dsc_lcc"]), abs=1e-6)
+        assert float(got[p]["dsc_model"]) == pytest.approx(float(ev["dsc"]), abs=1e-6)
+        assert float(got[p]["accuracy_model"]) == pytest.approx(float(ev["accuracy"]), abs=1e-6)
+    # The run learnt something non-trivial, so the comparison is not between empty masks.
+    assert any(0 < float(ev["dsc"]) < 1 for ev in evaluation.values())
