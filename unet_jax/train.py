@@ -40,7 +40,8 @@ from flax import nnx
 from unet_jax import evaluate
 from unet_jax.checkpoint import TrainCheckpoints, build_model
 from unet_jax.config import Config
-from unet_jax.input_pipeline import (AugmentSpec, ResidentData, SplitData, make_mesh, replicated)
+from unet_jax.input_pipeline import (AugmentSpec, ResidentData, SplitData, StreamingData,
+                                     fits_on_device, make_mesh, replicated)
 from unet_jax.losses import get_loss
 
 
@@ -111,11 +112,16 @@ class Trainer:
         self.data_key = jax.random.fold_in(key, 1)
         self._train_step = jax.jit(self._step, donate_argnums=(0,),
                                    out_shardings=(self.rep, self.rep))
+        self._batch_step = jax.jit(self._update, donate_argnums=(0,),
+                                   out_shardings=(self.rep, self.rep))
 
     # -- pure functions -------------------------------------------------------------------
     def _step(self, state: dict, arrays: dict, key: jax.Array):
         x, y = self.data.train_batch(key, state["step"], arrays)
+        return self._update(state, x, y)
 
+    def _update(self, state: dict, x: jax.Array, y: jax.Array):
+        """One optimiser step on the batch ``(x, y)``."""
         def loss_of(params):
             model = nnx.merge(self.graphdef, params, state["batch_stats"], copy=True)
             loss = self.loss_fn(model(x), y)
@@ -155,7 +161,13 @@ class Trainer:
         self.state = jax.device_put(state, self.rep)
 
     def train_step(self) -> dict[str, jax.Array]:
+        """One step on the resident pipeline's batch (sampled and augmented inside the jit)."""
         self.state, out = self._train_step(self.state, self.data.arrays, self.data_key)
+        return out
+
+    def train_step_on(self, x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
+        """One step on a given batch (the streaming path; benchmarks with data excluded)."""
+        self.state, out = self._batch_step(self.state, x, y)
         return out
 
     @property
@@ -253,6 +265,29 @@ class _Progress:
 # ----------------------------------------------------------------------------- main loop
 
 
+class _HostRecords:
+    """A split's examples as TFDS-like record dicts (random access), for the streaming path."""
+
+    def __init__(self, split: SplitData):
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.num_examples
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        v = self.split.volume[i]
+        return {"image": self.split.images[i], "mask": self.split.masks[i],
+                "channel_mean": self.split.mean[v], "channel_std": self.split.std[v]}
+
+
+def _metadata_only(split: SplitData) -> SplitData:
+    """The split with 1x1 images: what the trainer keeps on device when the pixels stream
+    (masks stay on the host side for the sampling weights, computed before this)."""
+    import dataclasses
+    return dataclasses.replace(split, images=np.zeros((split.num_examples, 1, 1, split.images.shape[-1]), np.uint8),
+                               masks=np.zeros((split.num_examples, 1, 1, 1), np.uint8))
+
+
 def evaluate_split(trainer: Trainer, val: ResidentData, threshold: float,
                    predict_step=None) -> tuple[dict, list[dict], np.ndarray]:
     """Per-patient metrics of the current model on ``val``: (summary, rows, binary preds)."""
@@ -299,7 +334,16 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
     mesh = make_mesh()
     aug = AugmentSpec(config.aug_scale, config.aug_angle, config.aug_flip,
                       None if config.image_size == train_split.images.shape[1] else config.image_size)
+    streaming = None
+    if not fits_on_device(train_split, config.device_memory_budget_gb):
+        # Over the device-memory budget: the same batches, read by grain from host records.
+        streaming = StreamingData(_HostRecords(train_split), train_split, mesh, config.batch_size,
+                                  config.sampling, aug)
+        print(f"training data ({train_split.nbytes() / 2**30:.2f} GiB) exceeds the device-memory "
+              f"budget of {config.device_memory_budget_gb} GiB: streaming it with grain")
+        train_split = _metadata_only(train_split)
     train = ResidentData(train_split, mesh, config.batch_size, config.sampling, aug)
+    # Validation is evaluated in order from device memory (it is a tenth of the data).
     val = ResidentData(val_split, mesh, config.batch_size, config.sampling,
                        AugmentSpec(0, 0, 0, aug.image_size))
     trainer = Trainer(config, train, mesh)
@@ -355,8 +399,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
                            **meta}, metric)
 
     try:
+        batches = streaming.iterate(trainer.data_key, start, total_steps) if streaming else None
         for s in range(start, total_steps):
-            pending.append((s, trainer.train_step()))
+            if batches is None:
+                pending.append((s, trainer.train_step()))
+            else:
+                pending.append((s, trainer.train_step_on(*next(batches))))
             n_last += 1
             done = s + 1
             end_of_epoch = done % spe == 0
