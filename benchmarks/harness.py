@@ -805,3 +805,19 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_cli(module: str, build_parser, run, argv: list[str] | None) -> dict[str, Any]:
+    """Shared ``main`` of the benchmark scripts: parse ``argv``, ``run(args, command=...)``, and
+    write the result as JSON when ``--out`` is given."""
+    import json
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    out = run(args, command=" ".join([f"python -m {module}", *argv]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"wrote {args.out}")
+    return out

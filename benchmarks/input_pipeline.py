@@ -24,8 +24,6 @@ JSON. Each pipeline runs in its own worker process. Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from benchmarks import harness
@@ -172,14 +170,8 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    out = run(args, command=" ".join(["python -m benchmarks.input_pipeline", *argv]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-        print(f"wrote {args.out}")
-    return out
+    """Command line: parse, run, print the table, optionally write JSON (``--out``)."""
+    return harness.run_cli("benchmarks.input_pipeline", build_parser, run, argv)
 
 
 if __name__ == "__main__":
