@@ -14,8 +14,8 @@ epoch of 3,336 slices (1,456 steps of batch 16 in all).
 Expected (target): validation mean per-patient DSC >= 0.80 in under 30 minutes of training on
 2 CPU cores (the report's run 1 reached 0.8093 at full size after 7 x 40 minutes).
 
-Measured (2026-11-26, this project's 2-core Intel Xeon VM, CPU only, jax 0.10.2;
-``python -m experiments.run --exp=cpu_quick --data_dir D``): best validation mean per-patient DSC
+Measured: 2026-11-26, this project's 2-core Intel Xeon VM, CPU only, jax 0.10.2,
+``python -m experiments.run --exp=cpu_quick --data_dir D``: best validation mean per-patient DSC
 **0.9006** after LCC (median 0.915; 0.860 without LCC), reached at epoch 6; per epoch 0.403, 0.666,
 0.878, 0.894, 0.806, 0.901, 0.900. Throughput on the idle machine 15 images/s (1.07 s/step), i.e.
 ~26 minutes of training for the 1,456 steps; the measured wall time was 40 minutes because other

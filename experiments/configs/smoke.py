@@ -16,7 +16,7 @@ Expected: finishes in under 3 minutes on 2 CPU cores with validation mean per-pa
 above a trivial predictor (an all-background prediction scores 0 on every lesion volume); the
 phantom lesions are bright blobs in FLAIR, so > 0.6 is expected.
 
-Measured (2026-11-26, 2-core Intel Xeon VM shared with other jobs, load ~5): 2 min 40 s wall for
+Measured: 2026-11-26, 2-core Intel Xeon VM shared with other jobs (load ~5): 2 min 40 s wall for
 the whole command (synthetic data, TFDS build, 152 steps, 8 evaluations, report); best validation
 mean per-patient DSC 0.79 after LCC (0.96 without: the phantoms often hold several lesions, and the
 baseline's largest-component step keeps one), against 0.0 for an all-background prediction.
