@@ -289,19 +289,26 @@ def _metadata_only(split: SplitData) -> SplitData:
 
 
 def evaluate_split(trainer: Trainer, val: ResidentData, threshold: float,
-                   predict_step=None) -> tuple[dict, list[dict], np.ndarray]:
-    """Per-patient metrics of the current model on ``val``: (summary, rows, binary preds)."""
+                   predict_step=None, truth: np.ndarray | None = None
+                   ) -> tuple[dict, list[dict], np.ndarray]:
+    """Per-patient metrics of the current model on ``val``: (summary, rows, binary preds).
+
+    ``truth``: the validation masks at the model's input size (:func:`eval_truth`); computed
+    here when not given.
+    """
     step = predict_step or evaluate.make_predict_step(trainer.apply_eval, val, threshold)
     out = evaluate.predict_split(step, (trainer.state["params"], trainer.state["batch_stats"]), val)
-    truth = val.data.masks[..., 0] if out["pred"].shape[1:] == val.data.masks.shape[1:3] else None
-    if truth is None:  # trained at a smaller size: compare with the masks at that size
-        truth = _resized_masks(val)
-    rows = evaluate.per_volume(out["pred"], truth.astype(bool), val.data, out)
+    truth = eval_truth(val) if truth is None else truth
+    rows = evaluate.per_volume(out["pred"], truth, val.data, out)
     return evaluate.summarize(rows), rows, out["pred"]
 
 
-def _resized_masks(val: ResidentData) -> np.ndarray:
-    """The validation masks at the model's input size, exactly as the eval batches see them."""
+def eval_truth(val: ResidentData) -> np.ndarray:
+    """The validation masks (bool, N x H x W) at the model's input size, exactly as the
+    evaluation batches see them (resized on device when the model trains below 256)."""
+    if val.aug.image_size is None:
+        return val.data.masks[..., 0].astype(bool)
+
     @jax.jit
     def masks_of(arrays, b):
         return val.eval_batch(b, arrays)[1]
@@ -363,6 +370,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
         progress = os.isatty(2)
     bar = _Progress(total_steps, start, progress and is_main)
     predict_step = evaluate.make_predict_step(trainer.apply_eval, val, config.threshold)
+    val_truth = eval_truth(val)  # once: the same masks every epoch
     best = ckpts.best_metric()
     last_eval: dict[str, Any] = {}
     pending: list[tuple[int, dict]] = []
@@ -413,7 +421,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
             if end_of_epoch:
                 epoch = done // spe
                 if epoch % config.eval_every_epochs == 0 or done == total_steps:
-                    summary, rows, pred = evaluate_split(trainer, val, config.threshold, predict_step)
+                    summary, rows, pred = evaluate_split(trainer, val, config.threshold, predict_step,
+                                                          val_truth)
                     is_best = best is None or summary["val_dsc"] > best
                     save(done, summary["val_dsc"], {"metrics": summary})
                     if is_best:
