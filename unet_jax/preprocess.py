@@ -258,13 +258,16 @@ def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def rescale_percentiles(volume: np.ndarray, low: float = 10.0, high: float = 99.0) -> np.ndarray:
+def rescale_percentiles(volume: np.ndarray, low: float = 10.0, high: float = 99.0, *,
+                        inplace: bool = False) -> np.ndarray:
     """``skimage.exposure.rescale_intensity(volume, in_range=(p_low, p_high))`` for volume >= 0.
 
-    The percentiles are taken over the whole volume (all channels). Returns float64 in [0, 1].
+    The percentiles are taken over the whole volume (all channels). Returns float64 in [0, 1]; with ``inplace=True`` it overwrites ``volume`` (float64)
+    instead of allocating a copy.
     """
     p_lo, p_hi = np.percentile(volume, [low, high])
-    out = np.clip(volume, p_lo, p_hi)
+    out = volume if inplace else np.empty(volume.shape, np.float64)
+    np.clip(volume, p_lo, p_hi, out=out)
     if p_hi != p_lo:
         out -= p_lo
         out /= p_hi - p_lo
@@ -272,18 +275,6 @@ def rescale_percentiles(volume: np.ndarray, low: float = 10.0, high: float = 99.
         # skimage's degenerate case: nothing to stretch, clip to the output range.
         np.clip(out, 0.0, 1.0, out=out)
     return out
-
-
-def _rescale_percentiles_inplace(volume: np.ndarray) -> np.ndarray:
-    """:func:`rescale_percentiles` overwriting ``volume`` (float64, values >= 0)."""
-    p_lo, p_hi = np.percentile(volume, [10.0, 99.0])
-    np.clip(volume, p_lo, p_hi, out=volume)
-    if p_hi != p_lo:
-        volume -= p_lo
-        volume /= p_hi - p_lo
-    else:
-        np.clip(volume, 0.0, 1.0, out=volume)
-    return volume
 
 
 def channel_stats(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -347,9 +338,8 @@ def _preprocess_channels_first(
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
     geometry, cropped = _geometry(images, size=size, drop_ends=drop_ends)
-    r = _rescale_percentiles_inplace(
-        _resize_channels_first(_pad(cropped, geometry.padding), size)
-    )
+    r = rescale_percentiles(_resize_channels_first(_pad(cropped, geometry.padding), size),
+                            inplace=True)
     mask_out = None
     if masks is not None:
         masks = np.asarray(masks)

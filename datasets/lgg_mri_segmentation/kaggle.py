@@ -582,6 +582,17 @@ def _read_tif(source: Source, rel: str) -> np.ndarray:
         ) from e
 
 
+def _read_checked(source: Source, rel: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Read one .tif and insist on ``shape`` and uint8; the error names the file."""
+    array = _read_tif(source, rel)
+    if array.shape != tuple(shape) or array.dtype != np.uint8:
+        raise LGGDataError(
+            f"{source.describe(rel)}: {what} of shape {array.shape} and dtype {array.dtype}, "
+            f"expected {tuple(shape)} uint8"
+        )
+    return array
+
+
 def read_patient(
     root: Path | zipfile.Path | Source | str | os.PathLike, patient: PatientFiles
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -599,20 +610,9 @@ def read_patient(
     images = np.empty((n, SLICE_SIZE, SLICE_SIZE, 3), np.uint8)
     masks = np.empty((n, SLICE_SIZE, SLICE_SIZE), np.uint8)
     for k in range(n):
-        rel = patient.image_file(k + 1)
-        image = _read_tif(source, rel)
-        if image.shape != images.shape[1:] or image.dtype != np.uint8:
-            raise LGGDataError(
-                f"{source.describe(rel)}: image of shape {image.shape} and dtype {image.dtype}, "
-                f"expected {images.shape[1:]} uint8"
-            )
+        image = _read_checked(source, patient.image_file(k + 1), images.shape[1:], "image")
         rel = patient.mask_file(k + 1)
-        mask = _read_tif(source, rel)
-        if mask.shape != masks.shape[1:] or mask.dtype != np.uint8:
-            raise LGGDataError(
-                f"{source.describe(rel)}: mask of shape {mask.shape} and dtype {mask.dtype}, "
-                f"expected {masks.shape[1:]} uint8"
-            )
+        mask = _read_checked(source, rel, masks.shape[1:], "mask")
         bad = (mask != 0) & (mask != 255)
         if bad.any():
             values = np.unique(mask[bad])[:10].tolist()
