@@ -1,5 +1,6 @@
-"""The side-by-side benchmarks keep working: benchmarks/epoch_time.py, benchmarks/input_pipeline.py
-and their harness (benchmarks/harness.py), run for 1-2 steps at tiny size on synthetic data.
+"""The side-by-side benchmarks keep working: benchmarks/epoch_time.py, benchmarks/input_pipeline.py,
+benchmarks/full_epoch.py and their harness (benchmarks/harness.py), run for 1-2 steps at tiny size
+on synthetic data.
 
 Sizes: images stored at 64 and resized on the fly to 32 (so the resize paths run too), U-Net
 features 4, batch 4. XLA:CPU compiles the threefry PRNG slowly (the U-Net's ~50 parameter
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import epoch_time, harness, input_pipeline
+from benchmarks import epoch_time, full_epoch, harness, input_pipeline
 from benchmarks.torch_baseline.unet import UNet as TorchUNet
 
 TINY_DATA = ["--synthetic", "4,12,64", "--image-size", "32"]
@@ -166,6 +167,44 @@ def test_epoch_time_rejects_too_little_data():
     with pytest.raises(SystemExit):
         epoch_time.main(["--synthetic", "1,4,32", "--image-size", "32", "--batch", "4",
                          "--steps", "2", "--inprocess"])
+
+
+# ----------------------------------------------------------------------------- full_epoch
+
+
+def test_full_epoch_summary_by_hand():
+    # Epoch ends at 10, 12, 14.5, 20, 23.5 s after t0 = 0: walls 10, 2, 2.5, 5.5, 3.5.
+    res = full_epoch.summarise([10.0, 12.0, 14.5, 20.0, 23.5], 0.0, steps_per_epoch=100, batch=16,
+                               recipe_epochs=10, eval_every=2)
+    assert res["epoch_walls_s"] == pytest.approx([10, 2, 2.5, 5.5, 3.5])
+    assert res["train_epoch_s"]["median"] == pytest.approx(2.25)  # epochs 2 and 3
+    assert res["eval_and_checkpoint_s"] == pytest.approx(3.5 - 2.25)
+    assert res["train_images_per_s"] == pytest.approx(1600 / 2.25)
+    # 10 epochs: the first (10 s), 9 more at 2.25 s, 5 evaluations (every 2nd) at 1.25 s.
+    assert res["recipe_projection_s"] == pytest.approx(10 + 9 * 2.25 + 5 * 1.25)
+    with pytest.raises(ValueError):
+        full_epoch.summarise([1.0, 2.0, 3.0], 0.0, steps_per_epoch=1, batch=1, recipe_epochs=3,
+                             eval_every=1)
+
+
+def test_full_epoch_runs_the_training_loop(tmp_path, fast_prng):
+    out = tmp_path / "full.json"
+    res = full_epoch.main(["--exp", "smoke", "--epochs", "4", "--synthetic", "2,2,8,32",
+                           "--set", "features=4", "--set", "batch_size=4", "--set", "image_size=32",
+                           "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    assert res["data"].startswith("SYNTHETIC") and res["steps_per_epoch"] == 16 // 4
+    assert len(res["epoch_walls_s"]) == 4 and all(_finite_positive(w) for w in res["epoch_walls_s"])
+    # Only the last two epochs evaluated, as documented.
+    assert [e["epoch"] for e in res["evals"]] == [3, 4]
+    assert res["config"]["eval_every_epochs"] == 3 and res["config"]["epochs"] == 4
+    metrics = [json.loads(line) for line in (tmp_path / "w" / "run" / "metrics.jsonl").open()]
+    assert sorted(m["epoch"] for m in metrics if m["type"] == "eval") == [3, 4]
+    assert json.loads(out.read_text())["table"] == res["table"]
+
+
+def test_full_epoch_rejects_too_few_epochs():
+    with pytest.raises(SystemExit):
+        full_epoch.main(["--exp", "smoke", "--epochs", "3"])
 
 
 # ----------------------------------------------------------------------------- input_pipeline

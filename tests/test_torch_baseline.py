@@ -145,6 +145,23 @@ def test_two_step_train_run(tuned):
     assert math.isfinite(r["examples_per_s_after_first"])
 
 
+def test_no_per_step_sync_gives_the_same_losses():
+    # The tuned loop fetches its losses once at the end; the numbers must be the per-step ones.
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.7).float())
+                for _ in range(3)]
+    runs = []
+    for sync in (True, False):
+        torch.manual_seed(1)
+        model = UNet(in_channels=3, out_channels=1, init_features=4)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        runs.append(train_epoch(model, batches, opt, "cpu", sync_every_step=sync))
+    assert all(isinstance(v, float) for v in runs[1]["loss"])
+    np.testing.assert_allclose(runs[1]["loss"], runs[0]["loss"], rtol=1e-6)
+    assert len(set(runs[0]["loss"])) == 3  # the parameters changed between steps
+    assert runs[1]["final_loss"] == runs[1]["loss"][-1] and runs[1]["examples"] == 6
+
+
 def test_worker_init_seeds_numpy_like_the_baseline():
     data.worker_init(3)
     a = np.random.rand(4)
