@@ -106,6 +106,13 @@ def test_best_and_latest_survive_restart_and_nan_stops_cleanly(tmp_path):
     best_step = [r["step"] for r in evals if r["val_dsc"] == best_seen][0]
     assert ck.best.best_step() == best_step
     ck.close()
+    # The best checkpoint is for use (model + meta); only latest carries the optimiser state.
+    items = {d.name for d in (tmp_path / "checkpoints" / "best" / str(best_step)).iterdir()
+             if d.is_dir()}
+    assert {"model", "meta"} <= items and "opt" not in items  # (+ Orbax's own "metrics")
+    assert (tmp_path / "checkpoints" / "latest" / "12" / "opt").is_dir()
+    _, _, meta = load_model(tmp_path)
+    assert meta["step"] == best_step and meta["metrics"]["val_dsc"] == pytest.approx(best_seen)
 
     # The same workdir with another config is refused (no silent mixing of runs).
     with pytest.raises(ConfigMismatchError, match="epochs"):

@@ -4,7 +4,11 @@ JSON ``meta`` item (step, epoch, PRNG state, metrics and the resolved config).
 Layout of a training workdir::
 
     checkpoints/latest/<step>/{model,opt,meta}   most recent (for resume)
-    checkpoints/best/<step>/{model,opt,meta}     best by validation DSC (for use)
+    checkpoints/best/<step>/{model,meta}         best by validation DSC (for use)
+
+The best checkpoint leaves out the optimiser state: nothing resumes from it, and the Adam moments
+are two thirds of a checkpoint's bytes, written again at every improvement (on a GPU an epoch's
+training takes about as long as writing them).
 
 Two managers rather than one with ``best_fn`` and ``max_to_keep``: a single manager keeping the
 "best N" deletes the most recent checkpoint when it is not among the best, which breaks resume.
@@ -84,12 +88,13 @@ class TrainCheckpoints:
 
     def save(self, step: int, model_pure: dict, opt_pure: Any, config: Config,
              meta: dict[str, Any], metric: float | None = None) -> bool:
-        """Save as latest; also as best when ``metric`` beats the best so far. Returns is-best."""
-        args = ocp.args.Composite(model=ocp.args.StandardSave(model_pure),
-                                  opt=ocp.args.StandardSave(opt_pure),
-                                  meta=ocp.args.JsonSave(_meta(step, config, meta)))
+        """Save as latest; also as best (model and meta only) when ``metric`` beats the best so
+        far. Returns is-best."""
+        items = dict(model=ocp.args.StandardSave(model_pure),
+                     meta=ocp.args.JsonSave(_meta(step, config, meta)))
         if self.latest.latest_step() != step:
-            self.latest.save(step, args=args, force=True)
+            self.latest.save(step, args=ocp.args.Composite(
+                opt=ocp.args.StandardSave(opt_pure), **items), force=True)
         self.latest.wait_until_finished()
         if metric is None:
             return False
@@ -97,7 +102,8 @@ class TrainCheckpoints:
         if best is not None and not metric > best:
             return False
         if self.best.latest_step() != step:
-            self.best.save(step, args=args, metrics={BEST_METRIC: float(metric)}, force=True)
+            self.best.save(step, args=ocp.args.Composite(**items),
+                           metrics={BEST_METRIC: float(metric)}, force=True)
         self.best.wait_until_finished()
         return True
 
