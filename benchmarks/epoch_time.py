@@ -6,7 +6,8 @@ On the same data, batch size and image size, in one run, with alternating repeti
    NCHW, DataLoader with 0 workers, per-example scikit-image augmentation and lesion-weighted
    sampling, ``loss.item()`` every step);
 2. ``torch_tuned``: the same with channels_last, autocast (bf16; fp16 + GradScaler on CUDA without
-   bf16), ``--tuned-workers`` DataLoader workers and pinned memory on CUDA;
+   bf16), ``--tuned-workers`` DataLoader workers, the losses fetched once at the end instead of
+   every step, and on CUDA pinned memory and cuDNN autotuning;
 3. ``unet_jax``: the device-resident pipeline and the real ``unet_jax.train.Trainer`` step.
 
 Reported for each, median of the repetitions with the spread (min-max):
@@ -35,8 +36,13 @@ safely, and only one variant computes at a time). Usage::
     # 2-core CPU, a few minutes
     python -m benchmarks.epoch_time --data_dir /tmp/lead/tfds --device cpu \\
         --image-size 128 --features 32 --batch 16 --steps 5 --reps 3 --out epoch_cpu.json
-    # GPU, full size
-    python -m benchmarks.epoch_time --data_dir DIR --device gpu --steps 20 --reps 5
+    # GPU, full size (benchmarks/gpu_run.sh runs this at batch 16 and 32, and full_epoch.py)
+    JAX_PLATFORMS=cpu python -m benchmarks.epoch_time --data_dir DIR --device gpu --steps 20 \
+        --reps 3 --tuned-workers 8
+
+``JAX_PLATFORMS=cpu`` keeps this parent process (which never computes) off the GPU; the unet_jax
+worker is started with ``JAX_PLATFORMS=cuda`` and a memory fraction of 0.45, as the two frameworks
+share the GPU.
 """
 
 from __future__ import annotations
