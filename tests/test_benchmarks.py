@@ -1,6 +1,6 @@
 """The side-by-side benchmarks keep working: benchmarks/epoch_time.py, benchmarks/input_pipeline.py,
-benchmarks/full_epoch.py and their harness (benchmarks/harness.py), run for 1-2 steps at tiny size
-on synthetic data.
+benchmarks/full_epoch.py, benchmarks/conv_grad.py and their harness (benchmarks/harness.py), run for
+1-2 steps at tiny size on synthetic data.
 
 Sizes: images stored at 64 and resized on the fly to 32 (so the resize paths run too), U-Net
 features 4, batch 4. XLA:CPU compiles the threefry PRNG slowly (the U-Net's ~50 parameter
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import epoch_time, full_epoch, harness, input_pipeline
+from benchmarks import conv_grad, epoch_time, full_epoch, harness, input_pipeline
 from benchmarks.torch_baseline.unet import UNet as TorchUNet
 
 TINY_DATA = ["--synthetic", "4,12,64", "--image-size", "32"]
@@ -205,6 +205,42 @@ def test_full_epoch_runs_the_training_loop(tmp_path, fast_prng):
 def test_full_epoch_rejects_too_few_epochs():
     with pytest.raises(SystemExit):
         full_epoch.main(["--exp", "smoke", "--epochs", "3"])
+
+
+# ----------------------------------------------------------------------------- conv_grad
+
+
+def test_weight_grad_formulations_match_a_numpy_sum():
+    # dW[i, j, ci, co] = sum over n, h, w of x_pad[n, h+i, w+j, ci] * dy[n, h, w, co], by hand.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    dy = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    want = np.zeros((3, 3, 3, 3))
+    for i in range(3):
+        for j in range(3):
+            want[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i:i + 6, j:j + 6], dy)
+    for name, fn in conv_grad.weight_grad_fns(x.shape).items():
+        np.testing.assert_allclose(np.asarray(fn(x, dy)), want, rtol=1e-4, atol=1e-4, err_msg=name)
+    _, torch_hwio = conv_grad.torch_weight_grad(x, dy)
+    np.testing.assert_allclose(torch_hwio, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_grad_runs(tmp_path):
+    out = tmp_path / "cg.json"
+    res = conv_grad.main(["--batch", "2", "--image-size", "16", "--features", "4", "--levels", "2",
+                          "--reps", "1", "--out", str(out)])
+    b = res["breakdown_ms"]
+    for fw in ("jax", "torch"):
+        assert all(_finite_positive(b[fw][k]) for k in ("forward", "input grads", "param grads"))
+        assert b[fw]["weight grads (param - input)"] == pytest.approx(
+            b[fw]["param grads"] - b[fw]["input grads"])
+    assert [tuple(r["shape"]) for r in res["layers"]] == [(2, 16, 16, 4), (2, 8, 8, 8)]
+    for r in res["layers"]:
+        assert set(r["ms"]) == {"xla", "shift9", "shift9_chunked", "im2col", "torch"}
+        assert max(r["max_rel_err"].values()) < 1e-4
+    assert "| (2, 16, 16, 4) |" in res["table"]
+    assert json.loads(out.read_text())["table"] == res["table"]
 
 
 # ----------------------------------------------------------------------------- input_pipeline
