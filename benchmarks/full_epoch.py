@@ -56,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def load_splits(config, data_dir: str | None, synthetic: tuple[int, int, int, int],
                 workdir: Path):
     """``(train, validation, label)``: the real splits the config names, else synthetic ones."""
+    from unet_jax.config import override
     from unet_jax.data import is_built, load_data
 
     if data_dir and is_built(Path(data_dir), config.dataset_config):
-        train, val = load_data(config, workdir)
+        train, val = load_data(override(config, {"data_dir": data_dir}), workdir)
         return train, val, f"real data: {config.dataset_config} from {data_dir}"
     n_train, n_val, slices, size = synthetic
     train = harness.synthetic_split(n_train, slices, size, seed=0)
