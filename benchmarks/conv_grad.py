@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable

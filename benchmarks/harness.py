@@ -32,6 +32,7 @@ Timing conventions (the same for every variant):
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import importlib.metadata
 import json
@@ -301,19 +302,6 @@ def _flops_of(cost: Any) -> float | None:
 # ----------------------------------------------------------------------------- runners
 
 
-def _configure_xla_cpu() -> str:
-    """Apply the project's XLA:CPU tuning (``unet_jax.platform.configure_cpu_flags``) when that
-    module exists; must run before JAX starts. Returns the resulting ``XLA_FLAGS``."""
-    try:
-        from unet_jax import platform as unet_platform  # written by the train-step benchmark work
-    except ImportError:
-        return os.environ.get("XLA_FLAGS", "")
-    configure = getattr(unet_platform, "configure_cpu_flags", None)
-    if configure is not None:
-        configure()
-    return os.environ.get("XLA_FLAGS", "")
-
-
 class JaxRunner:
     """unet_jax on one device: the resident input pipeline and the real Trainer step.
 
@@ -330,6 +318,7 @@ class JaxRunner:
     def __init__(self, split, *, batch_sizes: Sequence[int], image_size: int, features: int = 32,
                  dtype: str = "float32", seed: int = 42, build_trainer: bool = True):
         import jax
+        import jax.numpy as jnp
         from unet_jax.config import Config
         from unet_jax.input_pipeline import AugmentSpec, ResidentData, SamplerSpec, make_mesh
 
@@ -343,7 +332,7 @@ class JaxRunner:
         for b in batch_sizes[1:]:
             # Same device arrays, another batch size: train_batch reads only `spec` and `arrays`,
             # so a shallow copy avoids a second device copy of the whole split.
-            other = _shallow_copy(first)
+            other = copy.copy(first)
             other.spec = SamplerSpec(split.num_examples, b, "weighted")
             self.datas[b] = other
         self.batch_fns = {b: jax.jit(d.train_batch) for b, d in self.datas.items()}
@@ -366,11 +355,14 @@ class JaxRunner:
             t = time.perf_counter()
             self.trainer = Trainer(config, first, self.mesh)
             self.compile_s["trainer_init"] = time.perf_counter() - t
-            x, y = self.batch_fns[b](self.key, 0, first.arrays)
-            self.fixed = _fixed_batch_trainer(self.trainer, x, y)
-            for name, tr in (("step_data", self.trainer), ("step_fixed", self.fixed)):
+            self.fixed_batch = self.batch_fns[b](self.key, 0, first.arrays)
+            # The same Trainer on its own copy of the state, stepped on the one fixed batch.
+            self.fixed = copy.copy(self.trainer)
+            self.fixed.state = jax.device_put(jax.tree.map(jnp.copy, self.trainer.state),
+                                              self.trainer.rep)
+            for name in ("step_data", "step_fixed"):
                 t = time.perf_counter()
-                jax.block_until_ready(tr.train_step())
+                jax.block_until_ready(self._step_fn(name)())
                 self.compile_s[name] = time.perf_counter() - t
             self.flops = self._xla_flops(b)
         self.setup_s = time.perf_counter() - t0
@@ -419,16 +411,23 @@ class JaxRunner:
                 jax.block_until_ready(fn(self.key, self.counter, arrays))
             return _timing(time.perf_counter() - t0, steps * b)
         if task in ("step_fixed", "step_data"):
-            tr = self.fixed if task == "step_fixed" else self.trainer
-            if tr is None:
+            if self.trainer is None:
                 raise ValueError("this runner was built without a trainer")
+            tr, step = (self.fixed if task == "step_fixed" else self.trainer), self._step_fn(task)
             t0 = time.perf_counter()
             for _i in range(steps):
-                out = tr.train_step()
+                out = step()
             jax.block_until_ready((tr.state, out))
             seconds = time.perf_counter() - t0
             return {**_timing(seconds, steps * tr.data.spec.batch_size), "loss": float(out["loss"])}
         raise ValueError(f"unknown task {task!r}")
+
+    def _step_fn(self, task: str):
+        """One training step: ``Trainer.train_step`` (data included) or ``train_step_on`` the
+        fixed batch (data excluded; the Trainer's own jitted, donated step for given batches)."""
+        if task == "step_fixed":
+            return lambda: self.fixed.train_step_on(*self.fixed_batch)
+        return self.trainer.train_step
 
     def memory(self) -> dict[str, Any]:
         import jax
@@ -440,41 +439,6 @@ class JaxRunner:
             pass
         peak = stats.get("peak_bytes_in_use") if stats else None
         return {"device_peak_mb": peak / 2**20 if peak else None}
-
-
-class _FixedBatch:
-    """A stand-in for ResidentData that always returns the same pre-made batch (data excluded)."""
-
-    def __init__(self, x, y, spec):
-        self.arrays = {"x": x, "y": y}
-        self.spec = spec
-
-    def train_batch(self, key, step, arrays):
-        del key, step
-        return arrays["x"], arrays["y"]
-
-
-def _shallow_copy(obj):
-    import copy
-
-    return copy.copy(obj)
-
-
-def _fixed_batch_trainer(trainer, x, y):
-    """The same Trainer step (model, loss, optimiser, jit and donation settings) on a fixed batch.
-
-    Shares the trainer's model definition and optimiser; has its own copy of the state and its
-    own jitted step whose ``train_batch`` returns ``(x, y)``.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    fixed = _shallow_copy(trainer)
-    fixed.data = _FixedBatch(x, y, trainer.data.spec)
-    fixed.state = jax.device_put(jax.tree.map(jnp.copy, trainer.state), trainer.rep)
-    fixed._train_step = jax.jit(fixed._step, donate_argnums=(0,),
-                                out_shardings=(trainer.rep, trainer.rep))
-    return fixed
 
 
 def _timing(seconds: float, examples: int) -> dict[str, Any]:
@@ -549,7 +513,6 @@ class TorchRunner:
         self.device = torch.device(device)
         self.batch, self.workers, self.tuned = batch, workers, tuned
         self.mp_context = mp_context
-        self.num_examples = split.num_examples
         stored = split.images.shape[1]
         pre = [ResizePair(image_size)] if image_size != stored else []
         transform = bdata.Compose(pre + bdata.transforms(*AUG).transforms)
@@ -579,9 +542,6 @@ class TorchRunner:
     def _loader(self, batch: int, workers: int):
         from benchmarks.torch_baseline.data import make_loader
 
-        need = max(1, workers)
-        if len(self.dataset) // batch < need:
-            raise ValueError(f"{len(self.dataset)} examples make fewer than {need} batches of {batch}")
         return make_loader(self.dataset, batch, workers,
                            pin_memory=self.tuned and self.device.type == "cuda",
                            multiprocessing_context=self.mp_context)
@@ -718,8 +678,6 @@ def _serve(spec: dict[str, Any]) -> None:
     os.dup2(2, 1)
     kind = spec["kind"]
     if kind == "jax":
-        if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-            _configure_xla_cpu()
         import jax  # noqa: F401  (import before measuring the baseline RSS)
     else:
         import torch  # noqa: F401

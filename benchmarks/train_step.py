@@ -46,6 +46,7 @@ Example (the numbers of issue 8)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -362,21 +363,13 @@ def make_jax_step(v: Variant, batch: int, image_size: int, features: int) -> Cal
     state = [params, stats, tx.init(params)]
 
     def step() -> float:
-        ctx = jax.default_matmul_precision(v.precision) if v.precision else _nullcontext()
+        ctx = jax.default_matmul_precision(v.precision) if v.precision else contextlib.nullcontext()
         with ctx:
             state[0], state[1], state[2], loss = step_fn(state[0], state[1], state[2], x, y)
         jax.block_until_ready(state)
         return float(loss)
 
     return step
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def make_step(v: Variant, batch: int, image_size: int, features: int,
@@ -417,9 +410,10 @@ def _start_worker(v: Variant, args: argparse.Namespace) -> tuple[subprocess.Pope
     cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", v.name,
            "--batch", str(args.batch), "--image-size", str(args.image_size),
            "--features", str(args.features), "--threads", str(args.threads)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from benchmarks.harness import REPO
+
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env, cwd=root)
+                            env=env, cwd=REPO)
     line = proc.stdout.readline()
     if not line:
         proc.wait()

@@ -63,15 +63,19 @@ def real_manual_dir(shared_lgg: Path, tmp_path_factory: pytest.TempPathFactory) 
     return dest
 
 
+def _build_both_configs(manual_dir: Path, data_dir: Path, num_workers: int) -> Path:
+    """Build the ``raw`` and ``baseline`` configs of ``manual_dir`` into ``data_dir``."""
+    from datasets.lgg_mri_segmentation import build
+
+    for config in ("raw", "baseline"):
+        build(manual_dir, data_dir, config, num_workers=num_workers)
+    return data_dir
+
+
 @pytest.fixture(scope="session")
 def real_tfds_dir(real_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TFDS data dir with both configs of the real data built (2 worker processes)."""
-    from datasets.lgg_mri_segmentation import build
-
-    data_dir = tmp_path_factory.mktemp("lgg_real_tfds")
-    for config in ("raw", "baseline"):
-        build(real_manual_dir, data_dir, config, num_workers=2)
-    return data_dir
+    return _build_both_configs(real_manual_dir, tmp_path_factory.mktemp("lgg_real_tfds"), 2)
 
 
 @pytest.fixture(scope="session")
@@ -85,9 +89,4 @@ def synthetic_manual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_tfds_dir(synthetic_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TFDS data dir with both configs of the synthetic data set built (in-process)."""
-    from datasets.lgg_mri_segmentation import build
-
-    data_dir = tmp_path_factory.mktemp("lgg_synthetic_tfds")
-    for config in ("raw", "baseline"):
-        build(synthetic_manual_dir, data_dir, config, num_workers=0)
-    return data_dir
+    return _build_both_configs(synthetic_manual_dir, tmp_path_factory.mktemp("lgg_synthetic_tfds"), 0)

@@ -1,6 +1,5 @@
 """Per-patient evaluation against independent numpy computations, exact for any batch size."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import ndimage

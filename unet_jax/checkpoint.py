@@ -26,13 +26,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from unet_jax.config import Config
-from unet_jax.model import UNet
+from unet_jax.model import UNet, load_pure, model_to_pure
 
 BEST_METRIC = "val_dsc"
 FORMAT = "unet_jax.checkpoint/1"
@@ -53,14 +52,15 @@ def abstract_model(config: Config) -> UNet:
     return nnx.eval_shape(lambda: build_model(config))
 
 
-def model_to_pure(model: nnx.Module) -> dict:
-    """The model's parameters and BatchNorm statistics as a nested dict of arrays."""
-    return nnx.to_pure_dict(nnx.state(model))
-
-
 def _manager(directory: Path, **options) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, **options)
     return ocp.CheckpointManager(directory, options=opts)
+
+
+def _best_manager(directory: Path, **options) -> ocp.CheckpointManager:
+    """The manager of the best checkpoint, ranked by :data:`BEST_METRIC` (read back from disk)."""
+    return _manager(directory, max_to_keep=1, best_fn=lambda m: float(m[BEST_METRIC]),
+                    best_mode="max", **options)
 
 
 def _meta(step: int, config: Config, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -75,16 +75,19 @@ class TrainCheckpoints:
     def __init__(self, workdir: str | Path, keep_latest: int = 1):
         root = Path(workdir).absolute() / "checkpoints"
         self.latest = _manager(root / "latest", max_to_keep=keep_latest)
-        self.best = _manager(root / "best", max_to_keep=1,
-                             best_fn=lambda m: float(m[BEST_METRIC]), best_mode="max")
+        self.best = _best_manager(root / "best")
+        self._best_metric: float | None = self._read_best_metric()  # then kept by save()
 
-    def best_metric(self) -> float | None:
-        """The validation DSC of the best checkpoint on disk, if any."""
+    def _read_best_metric(self) -> float | None:
         step = self.best.best_step()
         if step is None:
             return None
         meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         return float(meta["metrics"][BEST_METRIC])
+
+    def best_metric(self) -> float | None:
+        """The validation DSC of the best checkpoint on disk, if any."""
+        return self._best_metric
 
     def save(self, step: int, model_pure: dict, opt_pure: Any, config: Config,
              meta: dict[str, Any], metric: float | None = None) -> bool:
@@ -98,13 +101,14 @@ class TrainCheckpoints:
         self.latest.wait_until_finished()
         if metric is None:
             return False
-        best = self.best_metric()
+        best = self._best_metric
         if best is not None and not metric > best:
             return False
         if self.best.latest_step() != step:
             self.best.save(step, args=ocp.args.Composite(**items),
                            metrics={BEST_METRIC: float(metric)}, force=True)
         self.best.wait_until_finished()
+        self._best_metric = float(metric)
         return True
 
     def restore_latest(self, model_target: dict, opt_target: Any):
@@ -150,8 +154,7 @@ def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
             continue
         if step is None:
             if directory.name == "best":
-                mngr = _manager(directory, max_to_keep=1, best_fn=lambda m: float(m[BEST_METRIC]),
-                                best_mode="max", read_only=True)
+                mngr = _best_manager(directory, read_only=True)
                 best = mngr.best_step()
                 mngr.close()
                 return directory, best if best is not None else steps[-1]
@@ -186,17 +189,7 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
         raise CheckpointError(f"{item} is not a unet_jax checkpoint (format {meta.get('format')!r})")
     config = Config.from_dict(meta["config"])
     model = abstract_model(config)
-    target = nnx.to_pure_dict(nnx.state(model))
-    restored = ocp.StandardCheckpointer().restore(item / "model", target)
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
+    load_pure(model, ocp.StandardCheckpointer().restore(item / "model", model_to_pure(model)))
     model.eval()
     return model, config, meta
 
-
-def tree_equal(a: Any, b: Any) -> bool:
-    """Bitwise equality of two pytrees of arrays (for tests and resume checks)."""
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    return ta == tb and all(bool(jnp.array_equal(x, y)) for x, y in zip(la, lb))

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from unet_jax.config import Config
-from unet_jax.model import UNet
+from unet_jax.model import UNet, load_pure, model_to_pure
 
 _BLOCKS = ["encoder1", "encoder2", "encoder3", "encoder4", "bottleneck",
            "decoder4", "decoder3", "decoder2", "decoder1"]
@@ -80,7 +80,7 @@ def unet_from_torch(state_dict: Mapping[str, Any]) -> UNet:
     sd = {k: _to_numpy(v) for k, v in state_dict.items()}
     in_ch, out_ch, features = _infer_sizes(sd)
     model = UNet(in_ch, out_ch, features, rngs=nnx.Rngs(0))
-    state = nnx.to_pure_dict(nnx.state(model))
+    state = model_to_pure(model)
     rows = _mapping(features)
     expected = {key for key, _, _ in rows}
     # num_batches_tracked only matters for momentum=None in PyTorch; the baseline uses 0.1.
@@ -114,9 +114,7 @@ def unet_from_torch(state_dict: Mapping[str, Any]) -> UNet:
                         % (in_ch, out_ch, features, wrong_shape))
     if problems:
         raise ConversionError("not a baseline U-Net state_dict: " + "; ".join(problems))
-    graph_state = nnx.state(model)
-    nnx.replace_by_pure_dict(graph_state, state)
-    nnx.update(model, graph_state)
+    load_pure(model, state)
     model.eval()
     return model
 

@@ -31,9 +31,7 @@ def make_predict_step(apply_fn: Callable[[Any, jax.Array], jax.Array], data: Res
 
     ``apply_fn(variables, images)`` returns logits. Predictions are ``sigmoid >= threshold``.
     """
-    logit_threshold = float(np.log(threshold / (1 - threshold))) if 0 < threshold < 1 else None
-    if logit_threshold is None:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    logit_threshold = metrics.logit_threshold(threshold)
 
     @jax.jit
     def step(variables, arrays, b):
@@ -51,8 +49,9 @@ def predict_split(step, variables: Any, data: ResidentData) -> dict[str, np.ndar
     """Run ``step`` (from :func:`make_predict_step`) over every eval batch; host arrays of the
     real (unpadded) slices in order: ``pred`` bool (N,H,W), ``py``, ``p``, ``y`` sums (N,)."""
     outs: dict[str, list[np.ndarray]] = {"pred": [], "py": [], "p": [], "y": []}
-    for b in range(data.num_eval_batches):
-        pred, py, p, y, valid = jax.device_get(step(variables, data.arrays, b))
+    # Dispatch every batch before fetching any, so the device never waits for the host.
+    fetched = jax.device_get([step(variables, data.arrays, b) for b in range(data.num_eval_batches)])
+    for pred, py, p, y, valid in fetched:
         keep = np.asarray(valid, bool)
         for name, arr in zip(("pred", "py", "p", "y"), (pred, py, p, y)):
             outs[name].append(np.asarray(arr)[keep])

@@ -279,9 +279,8 @@ def prepare_batch(images_u8: jax.Array, masks: jax.Array, mean: jax.Array, std: 
     y = masks.astype(jnp.float32)
     if aug.image_size is not None:
         x, y = resize_batch(x, y, aug.image_size)
-    if train and (aug.scale or aug.angle or aug.flip):
-        params = augment.sample_params(key, x.shape[0], aug.scale, aug.angle, aug.flip)
-        x, y = augment.apply(x, y, params)
+    if train:
+        x, y = augment.augment_batch(key, x, y, aug.scale, aug.angle, aug.flip)
     return x, y
 
 

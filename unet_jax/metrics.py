@@ -18,6 +18,13 @@ import numpy as np
 from scipy import ndimage
 
 
+def logit_threshold(threshold: float) -> float:
+    """The logit ``log(t / (1 - t))`` at which ``sigmoid >= t``; ``t`` must be in (0, 1)."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    return float(np.log(threshold / (1 - threshold)))
+
+
 def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
     pred = np.asarray(pred, bool)
     truth = np.asarray(truth, bool)
@@ -30,29 +37,52 @@ def _counts(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
     return tp, fp, fn, tn
 
 
-def dsc(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice similarity coefficient 2|A∩B| / (|A|+|B|) of two binary arrays (1.0 if both empty)."""
-    tp, fp, fn, _ = _counts(pred, truth)
+def _dsc(tp: int, fp: int, fn: int) -> float:
     denom = 2 * tp + fp + fn
     return 1.0 if denom == 0 else 2.0 * tp / denom
 
 
+def _accuracy(tp: int, fp: int, fn: int, tn: int) -> float:
+    return (tp + tn) / max(tp + fp + fn + tn, 1)
+
+
+def _precision(tp: int, fp: int) -> float:
+    return 1.0 if tp + fp == 0 else tp / (tp + fp)
+
+
+def _recall(tp: int, fn: int) -> float:
+    return 1.0 if tp + fn == 0 else tp / (tp + fn)
+
+
+def dsc(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice similarity coefficient 2|A∩B| / (|A|+|B|) of two binary arrays (1.0 if both empty)."""
+    tp, fp, fn, _ = _counts(pred, truth)
+    return _dsc(tp, fp, fn)
+
+
 def pixel_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     """(TP + TN) / all pixels."""
-    tp, fp, fn, tn = _counts(pred, truth)
-    return (tp + tn) / max(tp + fp + fn + tn, 1)
+    return _accuracy(*_counts(pred, truth))
 
 
 def precision(pred: np.ndarray, truth: np.ndarray) -> float:
     """TP / (TP + FP); 1.0 when nothing is predicted."""
     tp, fp, _, _ = _counts(pred, truth)
-    return 1.0 if tp + fp == 0 else tp / (tp + fp)
+    return _precision(tp, fp)
 
 
 def recall(pred: np.ndarray, truth: np.ndarray) -> float:
     """TP / (TP + FN); 1.0 when the truth is empty."""
     tp, _, fn, _ = _counts(pred, truth)
-    return 1.0 if tp + fn == 0 else tp / (tp + fn)
+    return _recall(tp, fn)
+
+
+def counted_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """``dsc``, ``accuracy``, ``precision``, ``recall`` and pixel counts from one counting pass."""
+    tp, fp, fn, tn = _counts(pred, truth)
+    return {"dsc": _dsc(tp, fp, fn), "accuracy": _accuracy(tp, fp, fn, tn),
+            "precision": _precision(tp, fp), "recall": _recall(tp, fn),
+            "true_pixels": tp + fn, "pred_pixels": tp + fp}
 
 
 def largest_connected_component(volume: np.ndarray) -> np.ndarray:
@@ -69,11 +99,6 @@ def largest_connected_component(volume: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
-def binarize(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """``probabilities >= threshold`` as bool."""
-    return np.asarray(probabilities) >= threshold
-
-
 def volume_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """All metrics of one volume (slices, H, W[, 1]) from a binary prediction.
 
@@ -84,14 +109,7 @@ def volume_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     truth = np.asarray(truth, bool)
     if pred.ndim == 4:
         pred, truth = pred[..., 0], truth[..., 0]
-    lcc = largest_connected_component(pred)
-    return {
-        "slices": int(pred.shape[0]),
-        "dsc": dsc(pred, truth),
-        "dsc_lcc": dsc(lcc, truth),
-        "accuracy": pixel_accuracy(pred, truth),
-        "precision": precision(pred, truth),
-        "recall": recall(pred, truth),
-        "true_pixels": int(truth.sum()),
-        "pred_pixels": int(pred.sum()),
-    }
+    raw = counted_metrics(pred, truth)
+    return {"slices": int(pred.shape[0]), "dsc": raw["dsc"],
+            "dsc_lcc": dsc(largest_connected_component(pred), truth),
+            **{k: raw[k] for k in ("accuracy", "precision", "recall", "true_pixels", "pred_pixels")}}

@@ -121,6 +121,18 @@ class UpConv(nnx.Module):
         return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, cout)
 
 
+def model_to_pure(model: nnx.Module) -> dict:
+    """The model's parameters and BatchNorm statistics as a nested dict of arrays."""
+    return nnx.to_pure_dict(nnx.state(model))
+
+
+def load_pure(model: nnx.Module, pure: dict) -> None:
+    """Set the model's parameters and BatchNorm statistics from :func:`model_to_pure`'s dict."""
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pool with stride 2 (H and W even)."""
     n, h, w, c = x.shape

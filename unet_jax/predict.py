@@ -108,8 +108,6 @@ __all__ = [
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
 #: Side of the slices as the data set stores them (the baseline preprocesses to this size).
 STORED_SIZE = 256
-#: Channel of the FLAIR image in the LGG slices (pre-contrast, FLAIR, post-contrast).
-FLAIR_CHANNEL = 1
 
 CSV_FIELDS = [
     "volume", "level", "slice", "input", "height", "width", "channels", "slices", "processed",
@@ -440,20 +438,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _raw_channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of ``images / 255`` over a volume, in float64 (the raw config's
-    per-volume statistics), from exact histograms of the uint8 values."""
-    values = np.arange(256, dtype=np.float64) / 255.0
-    c = images.shape[-1]
-    mean, std = np.empty(c), np.empty(c)
-    for k in range(c):
-        counts = np.bincount(images[..., k].ravel(), minlength=256).astype(np.float64)
-        n = counts.sum()
-        mean[k] = counts @ values / n
-        std[k] = np.sqrt(counts @ (values - mean[k]) ** 2 / n)
-    return mean, std
-
-
 @dataclasses.dataclass
 class _Prepared:
     """A volume in model-input form, waiting for (and then holding) its predictions."""
@@ -485,15 +469,12 @@ class VolumePrediction:
       loaded: the input volume.
       mask: (N, H, W) bool, the output masks in the input geometry (after LCC unless disabled).
       processed: (N,) bool, slices that went through the model.
-      model_pred, model_truth: (Z, s, s) bool at model resolution for the processed slices.
       metrics: the volume's numbers (see :data:`CSV_FIELDS`); metric keys only with ground truth.
     """
 
     loaded: LoadedVolume
     mask: np.ndarray
     processed: np.ndarray
-    model_pred: np.ndarray
-    model_truth: np.ndarray
     metrics: dict[str, Any]
 
 
@@ -526,8 +507,7 @@ class Predictor:
         self.lcc = lcc
         self.batch_size = int(batch_size)
         self.size = int(config.image_size)
-        # The evaluation's rule (unet_jax.evaluate): logit >= log(t / (1 - t)).
-        logit_threshold = float(np.log(self.threshold / (1.0 - self.threshold)))
+        logit_threshold = metrics.logit_threshold(self.threshold)  # the evaluation's rule
         aug = AugmentSpec(0.0, 0.0, 0.0, self.size)
         graphdef, state = nnx.split(model)
         self._state = jax.device_put(state)
@@ -562,7 +542,7 @@ class Predictor:
                                  np.ones(3, np.float32), None), notices
             return _Prepared(loaded, pv.image, pv.mask[..., None], pv.channel_mean,
                              self._safe_std(pv.channel_std, loaded, notices), pv.geometry), notices
-        mean, std = _raw_channel_stats(images)
+        mean, std = preprocess.channel_stats_uint8(images)
         return _Prepared(loaded, images, loaded.truth[..., None].astype(np.uint8),
                          mean.astype(np.float32),
                          self._safe_std(std.astype(np.float32), loaded, notices), None), notices
@@ -710,7 +690,7 @@ class Predictor:
                 m["dsc_model"], m["dsc_model_lcc"] = vm["dsc"], vm["dsc_lcc"]
                 m["accuracy_model"] = vm["accuracy"]
         progress(n - p.num_model_slices)
-        return VolumePrediction(loaded, mask, processed, p.pred, p.truth, m)
+        return VolumePrediction(loaded, mask, processed, m)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -722,9 +702,8 @@ def _fmt(v: Any) -> Any:
 
 def _write_volume(result: VolumePrediction, out_dir: Path) -> list[dict[str, Any]]:
     """Write a volume's PNGs and GIF into ``out_dir/<volume>``; returns its CSV rows."""
-    from unet_jax.report import FLAIR_CHANNEL as REPORT_FLAIR, overlay_rgb, write_volume_gif
+    from unet_jax.report import FLAIR_CHANNEL, overlay_rgb, write_volume_gif
 
-    assert REPORT_FLAIR == FLAIR_CHANNEL
     spec = result.loaded.spec
     folder = out_dir / spec.name
     folder.mkdir()

@@ -52,11 +52,11 @@ __all__ = [
     "resize_masks",
     "rescale_percentiles",
     "channel_stats",
+    "channel_stats_uint8",
     "baseline_geometry",
     "preprocess_volume_float",
     "preprocess_volume",
     "preprocess_images",
-    "quantise",
     "standardise",
     "restore_prediction",
 ]
@@ -283,6 +283,19 @@ def channel_stats(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return volume.mean(axis=axes), volume.std(axis=axes)
 
 
+def channel_stats_uint8(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of ``images / 255`` over a uint8 volume ``(..., C)``, in float64,
+    from exact histograms of the values (the ``raw`` config's per-volume statistics)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = np.empty(images.shape[-1]), np.empty(images.shape[-1])
+    for c in range(images.shape[-1]):
+        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
+        n = counts.sum()
+        mean[c] = counts @ values / n
+        std[c] = np.sqrt(counts @ (values - mean[c]) ** 2 / n)
+    return mean, std
+
+
 def _channel_stats_channels_first(r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std of ``(Z, C, H, W)``, two-pass like ``np.std``, in float64."""
     z, c = r.shape[:2]
@@ -372,11 +385,6 @@ def preprocess_volume_float(
     """
     r, mask, geometry = _preprocess_channels_first(images, masks, size, drop_ends)
     return np.ascontiguousarray(r.transpose(0, 2, 3, 1)), mask, geometry
-
-
-def quantise(r: np.ndarray) -> np.ndarray:
-    """``rint(255 * r)`` as uint8, for ``r`` in [0, 1] (round half to even)."""
-    return np.rint(np.asarray(r) * 255.0).astype(np.uint8)
 
 
 def preprocess_volume(

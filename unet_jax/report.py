@@ -245,17 +245,9 @@ def per_patient_from_predictions(predictions: Mapping[str, np.ndarray]) -> list[
     rows = []
     for name, idx in patient_groups(predictions["patient"], predictions["slice_index"]).items():
         pred, truth = predictions["pred"][idx], predictions["truth"][idx]
-        rows.append({
-            "patient": name,
-            "slices": int(len(idx)),
-            "dsc": math.nan,
-            "dsc_lcc": seg_metrics.dsc(pred, truth),
-            "accuracy": seg_metrics.pixel_accuracy(pred, truth),
-            "precision": seg_metrics.precision(pred, truth),
-            "recall": seg_metrics.recall(pred, truth),
-            "true_pixels": int(truth.sum()),
-            "pred_pixels": int(pred.sum()),
-        })
+        m = seg_metrics.counted_metrics(pred, truth)
+        rows.append({"patient": name, "slices": int(len(idx)), "dsc": math.nan,
+                     "dsc_lcc": m.pop("dsc"), **m})
     return rows
 
 
@@ -670,6 +662,16 @@ def write_volume_gif(
 # --------------------------------------------------------------------------------------------
 
 
+def _training_tail(run: RunData) -> tuple[float | None, float | None]:
+    """``(final training loss, median images/s)``: the loss as the mean of the last 10% of the
+    finite logged losses; the median speed, robust to the first logs (they include compilation).
+    """
+    losses = [r["loss"] for r in run.train if _finite(r.get("loss"))]
+    speeds = [r["images_per_s"] for r in run.train if _finite(r.get("images_per_s"))]
+    return (float(np.mean(losses[-max(1, len(losses) // 10):])) if losses else None,
+            float(np.median(speeds)) if speeds else None)
+
+
 def _summary_rows(run: RunData) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     best = run.best_eval()
@@ -688,16 +690,12 @@ def _summary_rows(run: RunData) -> list[tuple[str, Any]]:
                  ("last: validation loss", last.get("val_loss")),
                  ("evaluations", len(run.evals))]
     if run.train:
-        losses = [r["loss"] for r in run.train if _finite(r.get("loss"))]
-        tail = losses[-max(1, len(losses) // 10):]
+        final_loss, speed = _training_tail(run)
         rows += [("training steps logged (last step)",
                   f"{len(run.train)} ({run.train[-1].get('step', 'n/a')})"),
-                 ("final training loss (mean of last 10% of logs)",
-                  float(np.mean(tail)) if tail else None)]
-        # The first logs include compilation; the median is robust to it.
-        speeds = [r["images_per_s"] for r in run.train if _finite(r.get("images_per_s"))]
-        if speeds:
-            rows.append(("training throughput, median images/s", float(np.median(speeds))))
+                 ("final training loss (mean of last 10% of logs)", final_loss)]
+        if speed is not None:
+            rows.append(("training throughput, median images/s", speed))
     if run.per_patient:
         key = headline_key(run.per_patient)
         mean, median = mean_median([r[key] for r in run.per_patient])
@@ -868,12 +866,7 @@ def run_summary(run: RunData) -> dict[str, Any]:
             out["min_dsc"] = float(min(values))
     elif best is not None:
         out["mean_dsc"], out["median_dsc"] = best.get("val_dsc"), best.get("val_dsc_median")
-    losses = [r["loss"] for r in run.train if _finite(r.get("loss"))]
-    if losses:
-        out["final_train_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):]))
-    speeds = [r["images_per_s"] for r in run.train if _finite(r.get("images_per_s"))]
-    if speeds:
-        out["images_per_s"] = float(np.median(speeds))
+    out["final_train_loss"], out["images_per_s"] = _training_tail(run)
     return out
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from datasets.lgg_mri_segmentation.kaggle import CSV_FIELDS
 from PIL import Image
 
-__all__ = ["CSV_HEADER", "write_synthetic_kaggle3m", "write_data_csv", "synthetic_volume"]
+__all__ = ["CSV_HEADER", "write_synthetic_kaggle3m", "synthetic_volume"]
 
 #: The header of the real ``data.csv``, in its order (the builder's fields after ``Patient``).
 CSV_HEADER: tuple[str, ...] = ("Patient",) + CSV_FIELDS
@@ -153,18 +153,6 @@ def _csv_rows(rng: np.random.Generator, patients: list[str], missing_rate: float
             row.append("" if rng.random() < missing_rate else str(int(rng.integers(lo, hi + 1))))
         rows.append(row)
     return rows
-
-
-def write_data_csv(path: Path | str, rows: list[list[str]], style: str = "comma") -> None:
-    """Write ``data.csv`` rows (without header) with the real header.
-
-    Args:
-      path: output file.
-      rows: one list of 18 strings per patient (``Patient`` first; ``""`` is a missing field).
-      style: ``"comma"`` (``kaggle_3m/data.csv``) or ``"semicolon_crlf"`` (the copy in
-        ``lgg-mri-segmentation/kaggle_3m/data.csv`` of the archive).
-    """
-    Path(path).write_bytes(_csv_bytes(rows, style))
 
 
 def _csv_bytes(rows: list[list[str]], style: str) -> bytes:

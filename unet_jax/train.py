@@ -44,6 +44,7 @@ from unet_jax.config import Config
 from unet_jax.input_pipeline import (AugmentSpec, ResidentData, SplitData, StreamingData,
                                      fits_on_device, make_mesh, replicated)
 from unet_jax.losses import get_loss
+from unet_jax.model import load_pure, model_to_pure
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -74,9 +75,9 @@ def make_schedule(config: Config, steps_per_epoch: int) -> optax.Schedule:
     raise ValueError(f"unknown schedule {config.schedule!r}; valid: constant, cosine")
 
 
-def make_optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: Config, schedule: optax.Schedule) -> optax.GradientTransformation:
     """``optax.adamw`` (decoupled weight decay; with 0 it is Adam), optional global-norm clip."""
-    tx = optax.adamw(make_schedule(config, steps_per_epoch), weight_decay=config.weight_decay)
+    tx = optax.adamw(schedule, weight_decay=config.weight_decay)
     if config.grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), tx)
     return tx
@@ -102,9 +103,9 @@ class Trainer:
         self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         model.eval()
         self.eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
-        self.tx = make_optimizer(config, self.steps_per_epoch)
-        self.loss_fn = get_loss(config.loss)
         self.schedule = make_schedule(config, self.steps_per_epoch)
+        self.tx = make_optimizer(config, self.schedule)
+        self.loss_fn = get_loss(config.loss)
         state = {"params": params, "batch_stats": batch_stats,
                  "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
         self.rep = replicated(mesh)
@@ -143,8 +144,8 @@ class Trainer:
     # -- state <-> checkpoint -------------------------------------------------------------
     def model_pure(self, state: dict | None = None) -> dict:
         state = self.state if state is None else state
-        model = nnx.merge(self.eval_graphdef, state["params"], state["batch_stats"], copy=True)
-        return nnx.to_pure_dict(nnx.state(model))
+        return model_to_pure(nnx.merge(self.eval_graphdef, state["params"], state["batch_stats"],
+                                       copy=True))
 
     def opt_pure(self, state: dict | None = None) -> Any:
         state = self.state if state is None else state
@@ -153,9 +154,7 @@ class Trainer:
     def load_pure(self, model_pure: dict, opt_pure: Any) -> None:
         model = nnx.merge(self.eval_graphdef, self.state["params"], self.state["batch_stats"],
                           copy=True)
-        graph_state = nnx.state(model)
-        nnx.replace_by_pure_dict(graph_state, model_pure)
-        nnx.update(model, graph_state)
+        load_pure(model, model_pure)
         _, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         state = {"params": params, "batch_stats": batch_stats,
                  "opt_state": opt_pure["opt_state"], "step": jnp.asarray(opt_pure["step"], jnp.int32)}
@@ -409,7 +408,6 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
     bar = _Progress(total_steps, start, progress and is_main)
     predict_step = evaluate.make_predict_step(trainer.apply_eval, val, config.threshold)
     val_truth = eval_truth(val)  # once: the same masks every epoch
-    best = ckpts.best_metric()
     last_eval: dict[str, Any] = {}
     pending: list[tuple[int, dict]] = []
     t_last, n_last = time.perf_counter(), 0
@@ -461,10 +459,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
                 if epoch % config.eval_every_epochs == 0 or done == total_steps:
                     summary, rows, pred = evaluate_split(trainer, val, config.threshold, predict_step,
                                                           val_truth)
-                    is_best = best is None or summary["val_dsc"] > best
-                    save(done, summary["val_dsc"], {"metrics": summary})
+                    is_best = save(done, summary["val_dsc"], {"metrics": summary})
                     if is_best:
-                        best = summary["val_dsc"]
                         writer.submit(_write_best, workdir, rows, val.data, pred)
                     last_eval = {"type": "eval", "step": done, "epoch": epoch, **summary,
                                  "best": is_best}
@@ -495,6 +491,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
             ckpts.close()
             log.close()
 
+    best = ckpts.best_metric()
     summary = {"type": "summary", "step": trainer.step, "epochs": config.epochs,
                "best_val_dsc": best, **{k: v for k, v in last_eval.items() if k.startswith("val_")}}
     log.write(summary)

@@ -1,7 +1,8 @@
 """Reading the Kaggle LGG download (``kaggle_3m``) as users have it, with strict checks.
 
-This module does not import TensorFlow Datasets: it is what the builder's worker processes run,
-and it is usable on its own (e.g. to read one patient's volume for inference).
+This module itself imports nothing of TensorFlow Datasets (it is what the builder's worker
+processes compute); importing it through the package still loads TFDS, because the package's
+``__init__`` registers the builder.
 
 Accepted inputs (see :func:`find_kaggle_root`): the Kaggle zip archive itself, the unpacked
 archive (which holds the data twice: ``kaggle_3m/`` and ``lgg-mri-segmentation/kaggle_3m/``; each
@@ -686,18 +687,6 @@ def patient_folds(
 # One patient's examples (what a worker process computes).
 
 
-def _channel_stats_uint8(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std of ``images / 255`` over the volume, from exact histograms."""
-    values = np.arange(256, dtype=np.float64) / 255.0
-    mean, std = np.empty(images.shape[-1]), np.empty(images.shape[-1])
-    for c in range(images.shape[-1]):
-        counts = np.bincount(images[..., c].ravel(), minlength=256).astype(np.float64)
-        n = counts.sum()
-        mean[c] = counts @ values / n
-        std[c] = np.sqrt(counts @ (values - mean[c]) ** 2 / n)
-    return mean, std
-
-
 def patient_examples(
     root: Source,
     patient: PatientFiles,
@@ -721,7 +710,7 @@ def patient_examples(
     """
     images, masks = read_patient(root, patient)
     if config == "raw":
-        mean, std = _channel_stats_uint8(images)
+        mean, std = preprocess.channel_stats_uint8(images)
         image_out, mask_out = images, (masks // 255).astype(np.uint8)
         slice_numbers = range(1, patient.num_slices + 1)
         crop = (0, SLICE_SIZE, 0, SLICE_SIZE)
