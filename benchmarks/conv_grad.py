@@ -10,7 +10,11 @@ Two measurements, in one process, alternating repetitions, medians:
 2. **One 3x3 convolution's weight gradient** at each level of the U-Net (batch, size / 2^l,
    features * 2^l channels in and out), by: XLA's own (``jax.vjp`` of ``lax.conv_general_dilated``),
    nine shifted matmuls (``shift9``), nine shifted matmuls over 4,096-pixel chunks summed
-   (``shift9_chunked``), one im2col matmul (``im2col``), and PyTorch's
+   (``shift9_chunked``), one im2col matmul (``im2col``), nine matmuls on the flattened padded
+   grid where every shift is a contiguous row offset (``flat9``: no strided slicing), nine shifted
+   matmuls in channel-major (C, N, H, W) layout so the pixel axis is contracted as the minor one
+   (``cnhw_shift9``), the ``flat9`` scheme through numpy's OpenBLAS on zero-copy views
+   (``openblas_flat9``: what a plain BLAS reaches outside XLA), and PyTorch's
    ``aten.convolution_backward`` (oneDNN on CPU). All are checked against PyTorch's result first.
 
 Usage::
@@ -80,8 +84,45 @@ def weight_grad_fns(shape: tuple[int, int, int, int]) -> dict[str, Callable]:
         cols = jnp.concatenate(shifted(x), axis=-1)
         return (cols.T @ dy.reshape(k, c)).reshape(3, 3, c, c)
 
+    def flat9(x, dy):
+        # On the padded grid (b, s+2, s+2) flattened to rows, the input under kernel tap (i, j)
+        # of output pixel q is row q + i*(s+2) + j; dy sits at the grid's top-left (zeros
+        # elsewhere), so each tap is one matmul of a contiguous row window.
+        g = s + 2
+        rows = b * g * g
+        xf = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, c)
+        xf = jnp.pad(xf, ((0, 2 * g + 2), (0, 0)))
+        dg = jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, c)
+        return jnp.stack([jax.lax.slice_in_dim(xf, i * g + j, i * g + j + rows).T @ dg
+                          for i in range(3) for j in range(3)]).reshape(3, 3, c, c)
+
+    def cnhw_shift9(x, dy):
+        xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (1, 1), (1, 1)))
+        dt = jnp.transpose(dy, (3, 0, 1, 2)).reshape(c, k)
+        return jnp.stack([xt[:, :, i:i + s, j:j + s].reshape(c, k) @ dt.T
+                          for i in range(3) for j in range(3)]).reshape(3, 3, c, c)
+
     return {n: jax.jit(f) for n, f in (("xla", xla), ("shift9", shift9),
-                                         ("shift9_chunked", shift9_chunked), ("im2col", im2col))}
+                                         ("shift9_chunked", shift9_chunked), ("im2col", im2col),
+                                         ("flat9", flat9), ("cnhw_shift9", cnhw_shift9))}
+
+
+def openblas_weight_grad(x: np.ndarray, dy: np.ndarray) -> tuple[Callable, np.ndarray]:
+    """The ``flat9`` weight gradient in numpy (OpenBLAS sgemm on zero-copy row windows)."""
+    b, s, _, c = x.shape
+    g = s + 2
+    rows = b * g * g
+
+    def fn():
+        xf = np.zeros((rows + 2 * g + 2, c), np.float32)
+        xf[:rows].reshape(b, g, g, c)[:, 1:-1, 1:-1] = x
+        dg = np.zeros((b, g, g, c), np.float32)
+        dg[:, :s, :s] = dy
+        dg = dg.reshape(rows, c)
+        return np.stack([xf[i * g + j:i * g + j + rows].T @ dg
+                         for i in range(3) for j in range(3)]).reshape(3, 3, c, c)
+
+    return fn, fn()
 
 
 def torch_weight_grad(x: np.ndarray, dy: np.ndarray) -> tuple[Callable, np.ndarray]:
@@ -127,14 +168,16 @@ def layer_table(batch: int, size: int, features: int, levels: int, reps: int,
         dy = jax.random.normal(kd, shape)
         torch_fn, ref = torch_weight_grad(np.asarray(x), np.asarray(dy))
         fns = weight_grad_fns(shape)
+        blas_fn, blas_got = openblas_weight_grad(np.asarray(x), np.asarray(dy))
         err = {}
-        for n, f in fns.items():
+        for n, f in [*fns.items(), ("openblas_flat9", lambda *_: blas_got)]:
             got = np.asarray(f(x, dy))
             err[n] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
             if err[n] > 1e-4:
                 raise AssertionError(f"{n} weight gradient differs from PyTorch's by {err[n]:.2e} "
                                      f"(relative) at {shape}")
         timed = {n: (lambda f=f: jax.block_until_ready(f(x, dy))) for n, f in fns.items()}
+        timed["openblas_flat9"] = blas_fn
         timed["torch"] = torch_fn
         res = _time(timed, reps)
         row = {"shape": shape, "max_rel_err": err,
@@ -192,6 +235,9 @@ def step_breakdown(batch: int, size: int, features: int, reps: int) -> dict[str,
     return out
 
 
+NOT_XLA = ("openblas_flat9", "torch")
+
+
 def format_tables(breakdown: dict, layers: list[dict]) -> str:
     lines = ["| step part (ms) | unet_jax | PyTorch | ratio |", "|---|---:|---:|---:|"]
     for n in breakdown["jax"]:
@@ -201,7 +247,7 @@ def format_tables(breakdown: dict, layers: list[dict]) -> str:
     lines += ["", "| conv input = output (N, H, W, C) | " + " | ".join(names)
               + " | best XLA / torch |", "|---|" + "---:|" * (len(names) + 1)]
     for r in layers:
-        best = min(v for n, v in r["ms"].items() if n != "torch")
+        best = min(v for n, v in r["ms"].items() if n not in NOT_XLA)
         lines.append(f"| {tuple(r['shape'])} | " + " | ".join(f"{r['ms'][n]:.1f}" for n in names)
                      + f" | {best / r['ms']['torch']:.2f}x |")
     return "\n".join(lines)

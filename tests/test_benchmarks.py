@@ -224,6 +224,8 @@ def test_weight_grad_formulations_match_a_numpy_sum():
         np.testing.assert_allclose(np.asarray(fn(x, dy)), want, rtol=1e-4, atol=1e-4, err_msg=name)
     _, torch_hwio = conv_grad.torch_weight_grad(x, dy)
     np.testing.assert_allclose(torch_hwio, want, rtol=1e-4, atol=1e-4)
+    _, blas_hwio = conv_grad.openblas_weight_grad(x, dy)
+    np.testing.assert_allclose(blas_hwio, want, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_grad_runs(tmp_path):
@@ -237,7 +239,8 @@ def test_conv_grad_runs(tmp_path):
             b[fw]["param grads"] - b[fw]["input grads"])
     assert [tuple(r["shape"]) for r in res["layers"]] == [(2, 16, 16, 4), (2, 8, 8, 8)]
     for r in res["layers"]:
-        assert set(r["ms"]) == {"xla", "shift9", "shift9_chunked", "im2col", "torch"}
+        assert set(r["ms"]) == {"xla", "shift9", "shift9_chunked", "im2col", "flat9",
+                              "cnhw_shift9", "openblas_flat9", "torch"}
         assert max(r["max_rel_err"].values()) < 1e-4
     assert "| (2, 16, 16, 4) |" in res["table"]
     assert json.loads(out.read_text())["table"] == res["table"]
