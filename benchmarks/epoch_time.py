@@ -69,10 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--features", type=int, default=32, help="U-Net features of the first level")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
-                   help="TFDS data dir holding lgg_mri_segmentation/baseline (else synthetic data)")
-    p.add_argument("--patients", type=int, default=None,
-                   help="use only the first N patients (less memory; rates are per example)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {VARIANTS} (unet_jax is always included)")
     p.add_argument("--tuned-workers", type=int, default=2, help="DataLoader workers of torch_tuned")
@@ -81,13 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="device peak TFLOP/s for model FLOP utilisation (default: from a table "
                         "of dense bf16 peaks by GPU name)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
-    p.add_argument("--inprocess", action="store_true",
-                   help="run every variant in this process (tests; memory is not attributable, "
-                        "DataLoader workers use 'spawn')")
-    p.add_argument("--synthetic", default="100,33,256",
-                   help="synthetic fallback: patients,slices,stored size")
+    harness.add_data_args(p)
     return p
 
 
@@ -116,10 +106,10 @@ def variant_specs(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, An
 def worker_env(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     """Per-variant environment of the worker processes."""
     if args.device == "gpu":
-        jax_env = {"JAX_PLATFORMS": "cuda"}
         # Two frameworks share the GPU: keep JAX from preallocating most of its memory.
-        jax_env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                           os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45"))
+        jax_env = {"JAX_PLATFORMS": "cuda",
+                   "XLA_PYTHON_CLIENT_MEM_FRACTION":
+                       os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")}
     else:
         jax_env = {"JAX_PLATFORMS": "cpu"}
     return {"unet_jax": jax_env}
@@ -188,21 +178,17 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
     if args.jax_dtype is None:
         args.jax_dtype = "bfloat16" if args.device == "gpu" else "float32"
     before = harness.machine_info()
-    synthetic = tuple(int(x) for x in args.synthetic.split(","))
-    split, data_label = harness.load_data(args.data_dir, patients=args.patients,
-                                          synthetic=synthetic, seed=0)
+    split, data_label = harness.data_from_args(args)
     real = not data_label.startswith("SYNTHETIC")
     train_examples = split.num_examples if real and args.patients is None else harness.REAL_TRAIN_EXAMPLES
-    stored = split.images.shape[1]
-    resize = (f"resized on the fly {stored}->{args.image_size} in both frameworks"
-              if args.image_size != stored else "no resize")
+    resize = harness.resize_note(split.images.shape[1], args.image_size, "frameworks")
     log(f"epoch_time: device {args.device}, batch {args.batch}, {args.image_size}x{args.image_size}"
         f" ({resize}), features {args.features}, {args.steps} steps x {args.reps} reps")
     log(f"data: {data_label}")
     specs = variant_specs(args)
     # Each measurement is `steps` batches after max(1, workers) start-up batches of a fresh
     # DataLoader iterator, all within one epoch of the loader.
-    need = (args.steps + max(1, args.tuned_workers)) * args.batch
+    need = harness.examples_needed(args.steps, args.tuned_workers, args.batch)
     if need > split.num_examples:
         raise SystemExit(f"{split.num_examples} examples are fewer than the {need} one measurement "
                          "needs: use fewer --steps or more data")
@@ -259,7 +245,7 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
             "machine": before, "loadavg_after": after["loadavg"], "data": data_label,
             "resize": resize, "train_examples": train_examples, "flops": flops,
             "peak_tflops": peak, "results": rows,
-            "raw": {n: t for n, t in per_task.items()}, "table": table}
+            "raw": per_task, "table": table}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

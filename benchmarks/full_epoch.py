@@ -27,8 +27,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,7 +63,7 @@ def load_splits(config, data_dir: str | None, synthetic: tuple[int, int, int, in
     n_train, n_val, slices, size = synthetic
     train = harness.synthetic_split(n_train, slices, size, seed=0)
     val = harness.synthetic_split(n_val, slices, size, seed=1)
-    why = "no --data_dir given" if not data_dir else f"no built data set under {data_dir}"
+    why = harness.synthetic_reason(data_dir)
     return train, val, (f"SYNTHETIC data ({why}): {n_train} + {n_val} patients x {slices} slices "
                         f"of {size}x{size}")
 
@@ -76,13 +74,13 @@ def summarise(epoch_ends: list[float], t0: float, *, steps_per_epoch: int, batch
     walls = [b - a for a, b in zip([t0] + epoch_ends[:-1], epoch_ends)]
     if len(walls) < 4:
         raise ValueError(f"need >= 4 epochs (compile, training, 2 evaluated), got {len(walls)}")
-    train_walls = walls[1:-2]
-    train_med = statistics.median(train_walls)
+    train_s = harness.summarize(walls[1:-2])
+    train_med = train_s["median"]
     eval_ckpt = walls[-1] - train_med
     n_evals = sum(1 for e in range(1, recipe_epochs + 1)
                   if e % eval_every == 0 or e == recipe_epochs)
     return {"epoch_walls_s": walls, "first_epoch_s": walls[0],
-            "train_epoch_s": harness.summarize(train_walls),
+            "train_epoch_s": train_s,
             "first_eval_epoch_s": walls[-2], "last_epoch_s": walls[-1],
             "eval_and_checkpoint_s": eval_ckpt,
             "train_images_per_s": steps_per_epoch * batch / train_med,
@@ -96,6 +94,7 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
 
     from experiments import configs
     from unet_jax.config import override
+    from unet_jax.input_pipeline import SamplerSpec
     from unet_jax.train import train_and_evaluate
 
     if args.epochs < 4:
@@ -132,7 +131,8 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
         t0 = time.perf_counter()
         train_and_evaluate(config, workdir / "run", data=(train, val), restart=True,
                            progress=False, on_epoch_end=on_epoch_end)
-    steps_per_epoch = train.num_examples // config.batch_size
+    # The sampler's own count (floored at 1), as the training loop runs it.
+    steps_per_epoch = SamplerSpec(train.num_examples, config.batch_size).steps_per_epoch
     res = summarise(ends, t0, steps_per_epoch=steps_per_epoch, batch=config.batch_size,
                     recipe_epochs=recipe.epochs, eval_every=recipe.eval_every_epochs)
     t = res["train_epoch_s"]
@@ -161,4 +161,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

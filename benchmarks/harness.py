@@ -50,13 +50,18 @@ from typing import Any
 
 import numpy as np
 
+from unet_jax.config import Config  # light (no JAX); the heavy imports stay inside functions
+
 REPO = Path(__file__).resolve().parent.parent
 #: Training slices of the real split (REFERENCE.md); epochs are projected for this many examples
 #: when the data at hand is synthetic or a subset.
 REAL_TRAIN_EXAMPLES = 3336
-#: The baseline's augmentation ranges (scale, angle in degrees, flip probability).
-AUG = (0.05, 15.0, 0.5)
-DATASET = "lgg_mri_segmentation/baseline"
+#: The baseline's augmentation ranges (scale, angle in degrees, flip probability): the Config
+#: defaults, so both frameworks augment as a default unet_jax run does.
+AUG = (Config.aug_scale, Config.aug_angle, Config.aug_flip)
+#: The TFDS config benchmarked; the data set name comes from ``unet_jax.data.DATASET`` (imported
+#: where it is used, as ``unet_jax.data`` pulls in JAX).
+DATASET_CONFIG = "baseline"
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -157,6 +162,7 @@ def synthetic_split(num_patients: int = 100, slices: int = 33, size: int = 256, 
     Only for timing: the work per example of both pipelines does not depend on the content.
     """
     from unet_jax.input_pipeline import SplitData
+    from unet_jax.preprocess import channel_stats_uint8
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
@@ -176,37 +182,40 @@ def synthetic_split(num_patients: int = 100, slices: int = 33, size: int = 256, 
             masks[p * slices + z, ..., 0] = lesion
             vol[z, ..., 1] = np.where(lesion, 230, vol[z, ..., 1])
         images[rows] = vol
-        v = vol.astype(np.float32) / 255.0
-        mean[p] = v.mean(axis=(0, 1, 2))
-        std[p] = v.std(axis=(0, 1, 2))
+        mean[p], std[p] = channel_stats_uint8(vol)
     volume = np.repeat(np.arange(num_patients, dtype=np.int32), slices)
     slice_index = np.tile(np.arange(1, slices + 1, dtype=np.int32), num_patients)
     return SplitData(images, masks, volume, slice_index, mean, std,
                      tuple(f"SYNTH_{p:03d}" for p in range(num_patients)))
 
 
+def synthetic_reason(data_dir: str | None) -> str:
+    """Why synthetic data stands in for the real split (the ``SYNTHETIC data (...)`` labels)."""
+    return "no --data_dir given" if not data_dir else f"no built data set under {data_dir}"
+
+
 def load_data(data_dir: str | None, *, patients: int | None = None,
               synthetic: tuple[int, int, int] = (100, 33, 256), seed: int = 0):
     """The training split to benchmark on, and a label saying what it is.
 
-    Real data: ``DATASET`` ``train`` from the TFDS data directory ``data_dir`` (read without
-    TensorFlow). When ``data_dir`` is not given or holds no such data set, synthetic arrays
-    (:func:`synthetic_split` with ``synthetic = (patients, slices, size)``) are used instead and
-    the label starts with ``SYNTHETIC``. ``patients`` keeps only the first that many patients.
+    Real data: ``lgg_mri_segmentation/<DATASET_CONFIG>`` ``train`` from the TFDS data directory
+    ``data_dir`` (read without TensorFlow). When ``data_dir`` is not given or holds no such built
+    data set, synthetic arrays (:func:`synthetic_split` with ``synthetic = (patients, slices,
+    size)``) are used instead and the label starts with ``SYNTHETIC``. ``patients`` keeps only the
+    first that many patients.
     """
+    from unet_jax.data import DATASET, is_built
     from unet_jax.input_pipeline import select_patients
 
-    built = Path(data_dir) / "lgg_mri_segmentation" / "baseline" if data_dir else None
-    if built is not None and built.is_dir():
-        if str(REPO) not in sys.path[:1]:  # this repository's `datasets` over HuggingFace's
-            sys.path.insert(0, str(REPO))
+    if data_dir and is_built(Path(data_dir), DATASET_CONFIG):
         import datasets.lgg_mri_segmentation  # noqa: F401  (registers the builder)
         from unet_jax.input_pipeline import load_split
 
-        split = load_split(DATASET, "train", data_dir)
-        label = f"real data: {DATASET} train, {data_dir}"
+        name = f"{DATASET}/{DATASET_CONFIG}"
+        split = load_split(name, "train", data_dir)
+        label = f"real data: {name} train, {data_dir}"
     else:
-        why = "no --data_dir given" if data_dir is None else f"no built data set under {data_dir}"
+        why = synthetic_reason(data_dir)
         split = synthetic_split(*synthetic, seed=seed)
         label = (f"SYNTHETIC data ({why}): {synthetic[0]} patients x {synthetic[1]} slices of "
                  f"{synthetic[2]}x{synthetic[2]}")
@@ -313,13 +322,10 @@ class JaxRunner:
         (data included).
     """
 
-    framework = "jax"
-
     def __init__(self, split, *, batch_sizes: Sequence[int], image_size: int, features: int = 32,
                  dtype: str = "float32", seed: int = 42, build_trainer: bool = True):
         import jax
         import jax.numpy as jnp
-        from unet_jax.config import Config
         from unet_jax.input_pipeline import AugmentSpec, ResidentData, SamplerSpec, make_mesh
 
         t0 = time.perf_counter()
@@ -339,23 +345,26 @@ class JaxRunner:
         self.key = jax.random.key(seed)
         self.counter = 0
         self.compile_s: dict[str, float] = {}
+        fixed_batch = None
         for b, fn in self.batch_fns.items():
             t = time.perf_counter()
-            jax.block_until_ready(fn(self.key, 0, first.arrays))
+            out = jax.block_until_ready(fn(self.key, 0, first.arrays))
             self.compile_s[f"data_b{b}"] = time.perf_counter() - t
+            if b == batch_sizes[0]:
+                fixed_batch = out  # step_fixed's batch below: the same call, kept not recomputed
         self.trainer = self.fixed = None
         self.flops: dict[str, float | None] = {}
         if build_trainer:
             from unet_jax.train import Trainer
 
             b = batch_sizes[0]
+            # The augmentation is Config's default, which AUG is.
             config = Config(name="benchmark", features=features, batch_size=b,
-                            image_size=image_size, dtype=dtype, seed=seed,
-                            aug_scale=AUG[0], aug_angle=AUG[1], aug_flip=AUG[2])
+                            image_size=image_size, dtype=dtype, seed=seed)
             t = time.perf_counter()
             self.trainer = Trainer(config, first, self.mesh)
             self.compile_s["trainer_init"] = time.perf_counter() - t
-            self.fixed_batch = self.batch_fns[b](self.key, 0, first.arrays)
+            self.fixed_batch = fixed_batch
             # The same Trainer on its own copy of the state, stepped on the one fixed batch.
             self.fixed = copy.copy(self.trainer)
             self.fixed.state = jax.device_put(jax.tree.map(jnp.copy, self.trainer.state),
@@ -441,6 +450,12 @@ class JaxRunner:
         return {"device_peak_mb": peak / 2**20 if peak else None}
 
 
+def examples_needed(steps: int, workers: int, batch: int) -> int:
+    """Examples one DataLoader measurement draws within one epoch: ``steps`` timed batches after
+    the ``max(1, workers)`` untimed start-up batches (see the module docstring)."""
+    return (steps + max(1, workers)) * batch
+
+
 def _timing(seconds: float, examples: int) -> dict[str, Any]:
     return {"seconds": seconds, "examples": examples,
             "examples_per_s": examples / seconds if seconds > 0 else math.nan}
@@ -497,14 +512,13 @@ class TorchRunner:
       ``step_data``: ``train_epoch`` over a fresh DataLoader iterator (data included).
     """
 
-    framework = "torch"
-
     def __init__(self, split, *, batch: int, image_size: int, features: int = 32,
                  tuned: bool = False, workers: int = 0, device: str = "cpu", seed: int = 42,
                  build_model: bool = True, mp_context: str | None = None):
         import torch
 
         from benchmarks.torch_baseline import data as bdata
+        from benchmarks.torch_baseline.train import tuned_setup
 
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -517,18 +531,17 @@ class TorchRunner:
         pre = [ResizePair(image_size)] if image_size != stored else []
         transform = bdata.Compose(pre + bdata.transforms(*AUG).transforms)
         self.dataset = bdata.BaselineDataset(baseline_volumes(split), transform=transform)
-        self.model = self.opt = self.fixed = None
+        self.opt = self.fixed = None
         self.compile_s: dict[str, float] = {}
-        if tuned and self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+        model = None
         if build_model:
             from benchmarks.torch_baseline.unet import UNet
 
-            model = UNet(3, 1, features).to(self.device)
-            if tuned:
-                model = model.to(memory_format=torch.channels_last)
-            self.model = model
-            self.opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            model = UNet(3, 1, features)
+        # The baseline's or tuned PyTorch's switches, as torch_baseline/train.py sets them.
+        self.model, self.loader_kwargs, self.train_kwargs = tuned_setup(self.device, tuned, model)
+        if self.model is not None:
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
             x, y = next(iter(bdata.make_loader(self.dataset, batch, 0)))
             fmt = torch.channels_last if tuned else torch.contiguous_format
             self.fixed = (x.to(self.device, memory_format=fmt), y.to(self.device))
@@ -542,19 +555,18 @@ class TorchRunner:
     def _loader(self, batch: int, workers: int):
         from benchmarks.torch_baseline.data import make_loader
 
-        return make_loader(self.dataset, batch, workers,
-                           pin_memory=self.tuned and self.device.type == "cuda",
+        return make_loader(self.dataset, batch, workers, **self.loader_kwargs,
                            multiprocessing_context=self.mp_context)
 
     def _started(self, batch: int, workers: int, steps: int):
         """A fresh iterator with the first ``max(1, workers)`` batches taken (start-up)."""
-        warm = max(1, workers)
-        if len(self.dataset) // batch < warm + steps:
+        need = examples_needed(steps, workers, batch)
+        if len(self.dataset) < need:
             raise ValueError(f"an epoch of {len(self.dataset)} examples holds fewer than "
-                             f"{warm + steps} batches of {batch}: use more data or fewer steps")
+                             f"{need // batch} batches of {batch}: use more data or fewer steps")
         t0 = time.perf_counter()
         it = iter(self._loader(batch, workers))
-        for _ in range(warm):
+        for _ in range(max(1, workers)):
             next(it)
         return it, time.perf_counter() - t0
 
@@ -562,8 +574,7 @@ class TorchRunner:
         from benchmarks.torch_baseline.train import train_epoch
 
         return train_epoch(self.model, loader, self.opt, self.device, max_steps=steps,
-                           amp=self.tuned, channels_last=self.tuned,
-                           sync_every_step=not self.tuned)
+                           **self.train_kwargs)
 
     def info(self) -> dict[str, Any]:
         torch = self.torch
@@ -612,6 +623,15 @@ RUNNERS = {"jax": JaxRunner, "torch": TorchRunner}
 # ----------------------------------------------------------------------------- processes
 
 
+def _memory_report(runner, rss0: float, *, attributable: bool) -> dict[str, Any]:
+    """End-of-run memory of a runner's process: device peak, peak RSS and its growth over
+    ``rss0`` (the RSS before the data was loaded), and the DataLoader workers' largest peak."""
+    peak = peak_rss_mb()
+    return {**runner.memory(), "peak_rss_mb": peak, "peak_rss_delta_mb": max(0.0, peak - rss0),
+            "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
+            "attributable": attributable}
+
+
 class Local:
     """A runner in this process (tests): same interface as :class:`Remote`."""
 
@@ -624,10 +644,7 @@ class Local:
         return self.runner.run(**task)
 
     def finish(self) -> dict[str, Any]:
-        return {**self.runner.memory(), "peak_rss_mb": peak_rss_mb(),
-                "peak_rss_delta_mb": max(0.0, peak_rss_mb() - self.rss0),
-                "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
-                "attributable": False}
+        return _memory_report(self.runner, self.rss0, attributable=False)
 
 
 class Remote:
@@ -696,10 +713,7 @@ def _serve(spec: dict[str, Any]) -> None:
     for line in sys.stdin:
         task = json.loads(line)
         if task.get("task") == "finish":
-            proto.write(json.dumps({**runner.memory(), "peak_rss_mb": peak_rss_mb(),
-                                    "peak_rss_delta_mb": peak_rss_mb() - rss0,
-                                    "workers_peak_rss_mb": peak_rss_mb(resource.RUSAGE_CHILDREN),
-                                    "attributable": True}) + "\n")
+            proto.write(json.dumps(_memory_report(runner, rss0, attributable=True)) + "\n")
             return
         try:
             out = runner.run(**task)
@@ -755,6 +769,49 @@ def round_robin(handles: dict[str, Any], tasks: Sequence[tuple[str, dict[str, An
     return results
 
 
+# ----------------------------------------------------------------------------- command lines
+
+
+def add_data_args(parser) -> None:
+    """The data and output options shared by ``epoch_time`` and ``input_pipeline``."""
+    parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
+                        help="TFDS data dir holding lgg_mri_segmentation/baseline (else synthetic "
+                             "data)")
+    parser.add_argument("--patients", type=int, default=None,
+                        help="use only the first N patients (less memory; rates are per example)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    parser.add_argument("--inprocess", action="store_true",
+                        help="run every variant in this process (tests; memory is not "
+                             "attributable, DataLoader workers use 'spawn')")
+    parser.add_argument("--synthetic", default="100,33,256",
+                        help="synthetic fallback: patients,slices,stored size")
+
+
+def data_from_args(args) -> tuple[Any, str]:
+    """:func:`load_data` for the options of :func:`add_data_args`: ``(split, label)``."""
+    synthetic = tuple(int(x) for x in args.synthetic.split(","))
+    return load_data(args.data_dir, patients=args.patients, synthetic=synthetic, seed=0)
+
+
+def resize_note(stored: int, size: int, where: str) -> str:
+    """How examples stored at ``stored`` reach ``size`` (``where``: who resizes)."""
+    return f"resized on the fly {stored}->{size} in both {where}" if size != stored else "no resize"
+
+
+def run_cli(module: str, build_parser, run, argv: list[str] | None) -> dict[str, Any]:
+    """Shared ``main`` of the benchmark scripts: parse ``argv``, ``run(args, command=...)``, and
+    write the result as JSON when ``--out`` is given."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    out = run(args, command=" ".join([f"python -m {module}", *argv]))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"wrote {args.out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Worker entry point: ``python -m benchmarks.harness --worker SPEC_JSON``."""
     import argparse
@@ -767,19 +824,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def run_cli(module: str, build_parser, run, argv: list[str] | None) -> dict[str, Any]:
-    """Shared ``main`` of the benchmark scripts: parse ``argv``, ``run(args, command=...)``, and
-    write the result as JSON when ``--out`` is given."""
-    import json
-    import sys
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    out = run(args, command=" ".join([f"python -m {module}", *argv]))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1, default=str)
-        print(f"wrote {args.out}")
-    return out

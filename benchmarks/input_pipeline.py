@@ -35,8 +35,6 @@ GOAL_SPEEDUP = 20.0
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
-                   help="TFDS data dir holding lgg_mri_segmentation/baseline (else synthetic data)")
     p.add_argument("--image-size", type=int, default=None,
                    help="output size (default: the stored size, 256; smaller sizes are resized "
                         "on the fly by both pipelines)")
@@ -48,14 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--pipelines", default="unet_jax,baseline",
                    help="comma-separated subset of unet_jax,baseline")
-    p.add_argument("--patients", type=int, default=None,
-                   help="use only the first N patients (less memory; rates are per example)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
-    p.add_argument("--inprocess", action="store_true",
-                   help="run both pipelines in this process (tests; DataLoader workers spawn)")
-    p.add_argument("--synthetic", default="100,33,256",
-                   help="synthetic fallback: patients,slices,stored size")
+    harness.add_data_args(p)
     return p
 
 
@@ -106,13 +97,10 @@ def format_table(rows: list[dict[str, Any]], speedups: list[dict[str, Any]]) -> 
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     """Run the benchmark described by parsed ``args``; returns the JSON-able result."""
     before = harness.machine_info()
-    synthetic = tuple(int(x) for x in args.synthetic.split(","))
-    split, data_label = harness.load_data(args.data_dir, patients=args.patients,
-                                          synthetic=synthetic, seed=0)
+    split, data_label = harness.data_from_args(args)
     stored = split.images.shape[1]
     size = args.image_size or stored
-    resize = (f"resized on the fly {stored}->{size} in both pipelines" if size != stored
-              else "no resize")
+    resize = harness.resize_note(stored, size, "pipelines")
     batches, workers = _ints(args.batch_sizes), _ints(args.workers)
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     if not pipelines or set(pipelines) - {"unet_jax", "baseline"}:
@@ -128,7 +116,8 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
                                          build_trainer=False))
         tasks += [("unet_jax", {"task": "data", "steps": args.steps, "batch": b}) for b in batches]
     if "baseline" in pipelines:
-        need = (args.baseline_steps + max([1, *workers])) * max(batches)
+        need = harness.examples_needed(args.baseline_steps, max(workers, default=0),
+                                       max(batches))
         if need > split.num_examples:
             raise SystemExit(f"{split.num_examples} examples are fewer than the {need} one "
                              "baseline measurement needs: fewer --baseline-steps or more data")

@@ -173,6 +173,7 @@ def make_torch_step(v: Variant, batch: int, image_size: int, features: int,
     """Return a closure running one PyTorch training step and returning its loss."""
     import torch
 
+    from benchmarks.torch_baseline.train import dice_loss
     from benchmarks.torch_baseline.unet import UNet as TorchUNet
 
     torch.set_num_threads(threads)
@@ -189,8 +190,7 @@ def make_torch_step(v: Variant, batch: int, image_size: int, features: int,
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        p = torch.sigmoid(model(x))
-        loss = 1.0 - (2.0 * (p * y).sum() + 1.0) / (p.sum() + y.sum() + 1.0)
+        loss = dice_loss(torch.sigmoid(model(x)), y)  # the baseline's loss, smooth 1
         loss.backward()
         opt.step()
         return float(loss.detach())

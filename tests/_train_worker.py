@@ -16,13 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _synth import blob_split  # noqa: E402
+from _synth import blob_train_val, tiny_config  # noqa: E402
 from unet_jax.checkpoint import load_model, model_to_pure  # noqa: E402
-from unet_jax.config import Config  # noqa: E402
 from unet_jax.train import train_and_evaluate  # noqa: E402
 
-CONFIG = Config(name="worker", features=4, image_size=32, batch_size=8, epochs=2,
-                learning_rate=3e-3, write_report=False, log_every_steps=1, seed=3)
+CONFIG = tiny_config("worker", epochs=2, log_every_steps=1, seed=3)
 
 
 def main(argv):
@@ -33,7 +31,7 @@ def main(argv):
         if kill_after is not None and epoch == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+    data = blob_train_val()
     train_and_evaluate(CONFIG, workdir, data=data, on_epoch_end=on_epoch_end, progress=False)
     model, _, _ = load_model(workdir, step=CONFIG.epochs * 4)
     flat = jax.tree_util.tree_flatten_with_path(model_to_pure(model))[0]

@@ -14,6 +14,9 @@ Fixtures (session-scoped, built once and shared by every test file):
 - ``synthetic_manual_dir`` / ``synthetic_tfds_dir``: the same for the builder's dummy data (a small
   synthetic data set: 5 patients of 5 to 8 slices of 256x256, from ``unet_jax.synthetic``; 4
   patients in ``train``, 1 in ``validation``); both configs built.
+- ``smoke_workdir``: the workdir of the smoke experiment (``python -m experiments.run
+  --exp=smoke``, full size: a few minutes on 2 CPU cores), run once for test_experiments.py and
+  test_predict.py; read it, do not write into it.
 """
 
 from __future__ import annotations
@@ -90,3 +93,14 @@ def synthetic_manual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_tfds_dir(synthetic_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TFDS data dir with both configs of the synthetic data set built (in-process)."""
     return _build_both_configs(synthetic_manual_dir, tmp_path_factory.mktemp("lgg_synthetic_tfds"), 0)
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke experiment's workdir (report, per_patient.csv, predictions.npz, checkpoints, and
+    its synthetic data under ``synthetic/manual/kaggle_3m``); do not write into it."""
+    from experiments.run import main
+
+    wd = tmp_path_factory.mktemp("smoke")
+    assert main(["--exp=smoke", "--workdir", str(wd)]) == 0
+    return wd

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from skimage.transform import AffineTransform, SimilarityTransform, rotate, warp
 
+from _reference import np_dsc
 from unet_jax import augment
 
 KAGGLE_3M = Path(__file__).resolve().parents[1].parent / "shared" / "lgg" / "kaggle_3m"
@@ -56,12 +57,6 @@ def skimage_reference(image: np.ndarray, mask: np.ndarray, s: float, angle: floa
     )
     msk = warp(mask, fwd.inverse, order=0, mode="constant", cval=0, preserve_range=True)
     return img, msk
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
 
 
 def params_of(scales, angles, flips) -> augment.AugmentParams:
@@ -233,7 +228,7 @@ def test_matches_skimage_warp_on_real_slices(real_slices, scale, angle):
         assert diff.max() < IMAGE_MAX_ABS_BOUND, (k, diff.max())
         out_mask = np.asarray(out_m[k])
         assert set(np.unique(out_mask)) <= {0, 1}
-        assert dice(out_mask, ref_m) >= DICE_BOUND, (k, dice(out_mask, ref_m))
+        assert np_dsc(out_mask, ref_m) >= DICE_BOUND, (k, np_dsc(out_mask, ref_m))
 
 
 @pytest.mark.real_data
@@ -262,4 +257,4 @@ def test_close_to_the_baselines_three_pass_pipeline(real_slices):
             if f:
                 ref_i, ref_m = flip_pair(ref_i, ref_m)
             assert np.abs(np.asarray(out_i[j]) - ref_i).mean() < 0.02
-            assert dice(np.asarray(out_m[j]), ref_m) >= 0.93
+            assert np_dsc(np.asarray(out_m[j]), ref_m) >= 0.93

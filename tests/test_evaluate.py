@@ -2,25 +2,11 @@
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
+from _reference import largest_component, np_dsc
 from _synth import blob_split
 from unet_jax import evaluate
 from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
-
-
-def _np_dsc(a, b):
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else 2.0 * (a & b).sum() / s
-
-
-def _np_lcc(v):
-    lab, n = ndimage.label(v)
-    if n == 0:
-        return v.astype(bool)
-    sizes = [(lab == i).sum() for i in range(1, n + 1)]
-    return lab == 1 + int(np.argmax(sizes))
 
 
 def test_per_volume_dsc_equals_numpy():
@@ -33,8 +19,8 @@ def test_per_volume_dsc_equals_numpy():
     for v, row in enumerate(rows):
         idx = split.volume == v
         assert row["patient"] == split.patients[v]
-        assert row["dsc"] == pytest.approx(_np_dsc(pred[idx], truth[idx]))
-        assert row["dsc_lcc"] == pytest.approx(_np_dsc(_np_lcc(pred[idx]), truth[idx]))
+        assert row["dsc"] == pytest.approx(np_dsc(pred[idx], truth[idx]))
+        assert row["dsc_lcc"] == pytest.approx(np_dsc(largest_component(pred[idx]), truth[idx]))
         assert row["accuracy"] == pytest.approx((pred[idx] == truth[idx]).mean())
     s = evaluate.summarize(rows)
     assert s["val_dsc"] == pytest.approx(np.mean([r["dsc_lcc"] for r in rows]))

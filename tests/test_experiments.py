@@ -11,15 +11,9 @@ from experiments.run import main
 from unet_jax import metrics
 
 
-@pytest.fixture(scope="module")
-def smoke_workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("smoke")
-    assert main(["--exp=smoke", "--workdir", str(wd)]) == 0
-    return wd
-
-
 @pytest.mark.slow
 def test_smoke_runs_end_to_end_and_writes_a_sane_report(smoke_workdir):
+    # smoke_workdir (conftest.py): `--exp=smoke` run once, shared with test_predict.py.
     wd = smoke_workdir
     report = wd / "report" / "report.md"
     text = report.read_text()

@@ -3,7 +3,7 @@
 Synthetic tests use the builder's dummy data (``make_dummy_data``: 5 patients of 5-8 slices) or the
 session fixtures of conftest.py. Real-data tests (``real_data``) build from ``restore.py`` output
 and compare with the .tif files and with an independent scikit-image implementation of the
-baseline's preprocessing written below.
+baseline's preprocessing (``skimage_baseline`` in tests/_reference.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
-from skimage.exposure import rescale_intensity
-from skimage.transform import resize
 
+from _reference import read_image, read_volume, skimage_baseline
 from datasets import lgg_mri_segmentation as lgg
 from datasets.lgg_mri_segmentation import LGGDataError, LGGDataWarning, build
 from datasets.lgg_mri_segmentation.make_dummy_data import make_dummy_data
@@ -34,11 +33,6 @@ NAME = "lgg_mri_segmentation"
 
 # ------------------------------------------------------------------------------------------------
 # helpers
-
-
-def read_tif(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im)
 
 
 def all_examples(data_dir: Path, config: str, split: str) -> list[dict]:
@@ -54,34 +48,6 @@ def assert_same_examples(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(np.asarray(x[k]), np.asarray(y[k]), err_msg=k)
 
 
-def skimage_baseline(images: np.ndarray, masks: np.ndarray):
-    """The baseline's preprocessing of one volume, with scikit-image (3D resize, as it calls it).
-
-    Returns (r, mask, first_slice_number): r float64 (Z, 256, 256, 3) in [0, 1] before the
-    per-channel standardisation; mask uint8 {0, 1}.
-    """
-    v = images[1:-1].copy()
-    m = masks[1:-1]
-    v[v < np.max(v) * 0.1] = 0
-    z_nz = np.nonzero(v.max(axis=(1, 2, 3)))[0]
-    y_nz = np.nonzero(v.max(axis=(0, 2, 3)))[0]
-    x_nz = np.nonzero(v.max(axis=(0, 1, 3)))[0]
-    box = np.s_[z_nz[0] : z_nz[-1] + 1, y_nz[0] : y_nz[-1] + 1, x_nz[0] : x_nz[-1] + 1]
-    v, m = v[box], m[box]
-    a, b = v.shape[1], v.shape[2]
-    if a != b:
-        diff = (max(a, b) - min(a, b)) / 2.0
-        pad = (int(np.floor(diff)), int(np.ceil(diff)))
-        padding = ((0, 0), (0, 0), pad) if a > b else ((0, 0), pad, (0, 0))
-        m = np.pad(m, padding, mode="constant", constant_values=0)
-        v = np.pad(v, padding + ((0, 0),), mode="constant", constant_values=0)
-    m = resize(m, (m.shape[0], 256, 256), order=0, mode="constant", cval=0, anti_aliasing=False)
-    v = resize(v, (v.shape[0], 256, 256, 3), order=2, mode="constant", cval=0, anti_aliasing=False)
-    p10, p99 = np.percentile(v, 10), np.percentile(v, 99)
-    r = rescale_intensity(v, in_range=(p10, p99))
-    return r, (m > 0).astype(np.uint8), int(z_nz[0]) + 2
-
-
 def baseline_holdout(folders: list[str]) -> list[str]:
     """Exactly the baseline's call, on the global random state (restored afterwards)."""
     state = random.getstate()
@@ -94,10 +60,10 @@ def baseline_holdout(folders: list[str]) -> list[str]:
 
 @pytest.fixture(scope="session")
 def layouts(tmp_path_factory) -> dict[str, Path]:
-    """The dummy data as users may have it: manual directories (do not modify them)."""
+    """The dummy data as users may have it besides conftest's ``synthetic_manual_dir`` (the bare
+    kaggle_3m folder): manual directories of the archive layouts (do not modify them)."""
     base = tmp_path_factory.mktemp("layouts")
     return {
-        "bare": make_dummy_data(base / "bare"),
         "unpacked": make_dummy_data(base / "unpacked", layout="kaggle-zip"),
         "zip": make_dummy_data(base / "zip", layout="zip"),
     }
@@ -126,11 +92,12 @@ def build_raises(manual: Path, tmp_path: Path, match: str) -> LGGDataError:
 
 
 def test_zip_unpacked_archive_and_bare_folder_give_identical_datasets(
-    layouts, synthetic_tfds_dir, tmp_path
+    layouts, synthetic_manual_dir, synthetic_tfds_dir, tmp_path
 ):
-    # synthetic_tfds_dir is the dummy data built from a bare kaggle_3m folder: the reference.
+    # synthetic_tfds_dir is the dummy data built from a bare kaggle_3m folder (given as its
+    # parent, synthetic_manual_dir): the reference.
     inputs = {
-        "kaggle_3m itself": layouts["bare"] / "kaggle_3m",
+        "kaggle_3m itself": synthetic_manual_dir / "kaggle_3m",
         "unpacked": layouts["unpacked"],
         "zip": layouts["zip"],
     }
@@ -148,14 +115,14 @@ def test_zip_unpacked_archive_and_bare_folder_give_identical_datasets(
                 assert_same_examples(all_examples(tmp_path / f"tfds{i}", config, split),
                                      all_examples(synthetic_tfds_dir, config, split))
     # The unpacked archive holds every slice twice: each is counted once.
-    n_files = len(list((layouts["bare"] / "kaggle_3m").rglob("*_mask.tif")))
+    n_files = len(list((synthetic_manual_dir / "kaggle_3m").rglob("*_mask.tif")))
     n_examples = sum(len(all_examples(synthetic_tfds_dir, "raw", s)) for s in ("train", "validation"))
     assert n_examples == n_files > 0
 
 
-def test_find_kaggle_root(layouts):
-    bare = layouts["bare"] / "kaggle_3m"
-    assert lgg.find_kaggle_root(layouts["bare"]) == bare
+def test_find_kaggle_root(layouts, synthetic_manual_dir):
+    bare = synthetic_manual_dir / "kaggle_3m"
+    assert lgg.find_kaggle_root(synthetic_manual_dir) == bare
     assert lgg.find_kaggle_root(bare) == bare
     assert lgg.find_kaggle_root(layouts["unpacked"]) == layouts["unpacked"] / "kaggle_3m"
     root = lgg.find_kaggle_root(layouts["zip"])
@@ -197,9 +164,9 @@ def test_features_and_order(synthetic_tfds_dir, synthetic_manual_dir):
             assert ex["mask"].shape == (256, 256, 1) and ex["mask"].dtype == np.uint8
             assert ex["channel_mean"].dtype == np.float32 and ex["channel_std"].shape == (3,)
             n = ex["slice_index"]
-            np.testing.assert_array_equal(ex["image"], read_tif(root / pid / f"{pid}_{n}.tif"))
+            np.testing.assert_array_equal(ex["image"], read_image(root / pid / f"{pid}_{n}.tif"))
             np.testing.assert_array_equal(ex["mask"][..., 0],
-                                          read_tif(root / pid / f"{pid}_{n}_mask.tif") // 255)
+                                          read_image(root / pid / f"{pid}_{n}_mask.tif") // 255)
             assert ex["num_slices"] == len(list((root / pid).glob("*_mask.tif")))
             fields = table[pid.rsplit("_", 1)[0]]
             assert {f: ex[f] for f in lgg.CSV_FIELDS} == fields
@@ -225,9 +192,9 @@ def test_baseline_matches_skimage_reference_on_synthetic(synthetic_tfds_dir, syn
     n, pid = min((len(list((root / p).glob("*_mask.tif"))), p)
                  for p in {ex["patient_id"].decode() for ex in examples})
     mine = [ex for ex in examples if ex["patient_id"] == pid.encode()]
-    images = np.stack([read_tif(root / pid / f"{pid}_{k}.tif") for k in range(1, n + 1)])
-    masks = np.stack([read_tif(root / pid / f"{pid}_{k}_mask.tif") for k in range(1, n + 1)])
-    r, m, first = skimage_baseline(images, masks)
+    images, masks = read_volume(root / pid)
+    r, m, (z_start, _), _ = skimage_baseline(images, masks)
+    first = z_start + 1  # the first kept slice's number (1-based)
     assert [ex["slice_index"] for ex in mine] == list(range(first, first + len(r)))
     assert all(ex["num_slices"] == len(r) for ex in mine)
     stored = np.stack([ex["image"] for ex in mine]).astype(int)
@@ -490,9 +457,9 @@ def test_real_raw_is_every_slice_as_downloaded(real_tfds_dir, real_manual_dir):
     assert val == set(baseline_holdout(folders))
     for ex in examples["train"] + examples["validation"]:
         pid, n = ex["patient_id"].decode(), ex["slice_index"]
-        np.testing.assert_array_equal(ex["image"], read_tif(root / pid / f"{pid}_{n}.tif"))
+        np.testing.assert_array_equal(ex["image"], read_image(root / pid / f"{pid}_{n}.tif"))
         np.testing.assert_array_equal(ex["mask"][..., 0] * 255,
-                                      read_tif(root / pid / f"{pid}_{n}_mask.tif"))
+                                      read_image(root / pid / f"{pid}_{n}_mask.tif"))
     # data.csv fields, read independently.
     with open(root / "data.csv", newline="") as f:
         rows = {r.pop("Patient"): r for r in csv.DictReader(f)}
@@ -506,6 +473,7 @@ def test_real_raw_is_every_slice_as_downloaded(real_tfds_dir, real_manual_dir):
 def test_real_baseline_counts_and_holdout(real_tfds_dir, real_manual_dir):
     folders = sorted(p.name for p in (real_manual_dir / "kaggle_3m").iterdir() if p.is_dir())
     builder = tfds.builder(f"{NAME}/baseline", data_dir=str(real_tfds_dir))
+    # From ../shared/REFERENCE.md: "Run on the real data this keeps 3,336 training and 332 validation slices".
     assert builder.info.splits["train"].num_examples == 3336
     assert builder.info.splits["validation"].num_examples == 332
     index = builder.info.metadata["patients"]
@@ -530,9 +498,9 @@ def test_real_baseline_matches_skimage_on_three_patients(real_tfds_dir, real_man
     for n, pid, split, start, count in sorted(candidates)[:3]:
         source = tfds.data_source(f"{NAME}/baseline", data_dir=str(real_tfds_dir), split=split)
         mine = [source[i] for i in range(start, start + count)]
-        images = np.stack([read_tif(root / pid / f"{pid}_{k}.tif") for k in range(1, n + 1)])
-        masks = np.stack([read_tif(root / pid / f"{pid}_{k}_mask.tif") for k in range(1, n + 1)])
-        r, m, first = skimage_baseline(images, masks)
+        images, masks = read_volume(root / pid)
+        r, m, (z_start, _), _ = skimage_baseline(images, masks)
+        first = z_start + 1  # the first kept slice's number (1-based)
         assert count == len(r)
         assert [ex["slice_index"] for ex in mine] == list(range(first, first + len(r)))
         diff = np.abs(np.stack([ex["image"] for ex in mine]).astype(int) - np.rint(r * 255))

@@ -1,7 +1,8 @@
 """The baseline's preprocessing in NumPy, against scikit-image and hand-checked cases.
 
 The references here are independent: scikit-image's resize (3D, as the baseline calls it) and
-rescale_intensity, and small cases worked out by hand. (The real-data comparison is in
+rescale_intensity, and small cases worked out by hand; the baseline's steps written out with
+scikit-image are ``skimage_baseline`` in tests/_reference.py. (The real-data comparison is in
 tests/test_lgg_dataset.py.)
 """
 
@@ -12,35 +13,9 @@ import pytest
 from skimage.exposure import rescale_intensity
 from skimage.transform import resize
 
+from _reference import skimage_baseline
 from unet_jax import preprocess as P
 from unet_jax.synthetic import synthetic_volume
-
-
-def skimage_baseline(images: np.ndarray, masks: np.ndarray, size: int):
-    """The baseline's steps written out with scikit-image (3D resize), for comparison."""
-    v = images[1:-1].copy()
-    m = masks[1:-1]
-    v[v < v.max() * 0.1] = 0
-    nz = v.max(axis=3)
-    zs = np.nonzero(nz.max(axis=(1, 2)))[0]
-    ys = np.nonzero(nz.max(axis=(0, 2)))[0]
-    xs = np.nonzero(nz.max(axis=(0, 1)))[0]
-    box = np.s_[zs[0] : zs[-1] + 1, ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1]
-    v, m = v[box], m[box]
-    a, b = v.shape[1], v.shape[2]
-    d = abs(a - b) / 2.0
-    pad = (int(np.floor(d)), int(np.ceil(d)))
-    padding = ((0, 0), (0, 0), pad) if a > b else ((0, 0), pad, (0, 0))
-    if a == b:
-        padding = ((0, 0), (0, 0), (0, 0))
-    m = np.pad(m, padding)
-    v = np.pad(v, padding + ((0, 0),))
-    m = resize(m, (m.shape[0], size, size), order=0, mode="constant", cval=0, anti_aliasing=False)
-    v = resize(v, (v.shape[0], size, size, 3), order=2, mode="constant", cval=0,
-               anti_aliasing=False)
-    p10, p99 = np.percentile(v, 10), np.percentile(v, 99)
-    r = rescale_intensity(v, in_range=(p10, p99))
-    return r, (m > 0).astype(np.uint8), (zs[0] + 1, zs[-1] + 2), (ys[0], ys[-1] + 1, xs[0], xs[-1] + 1)
 
 
 def test_threshold_crop_pad_by_hand():

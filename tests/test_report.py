@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from _reference import np_dsc
 from experiments import report as report_cli
 from unet_jax import report
 from unet_jax.config import Config
@@ -27,12 +28,6 @@ PATIENTS = ("TCGA_CS_1111_20000101", "TCGA_DU_2222_20000102", "TCGA_EZ_3333_2000
 def _disc(cy: float, cx: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[:SIZE, :SIZE]
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-
-
-def _np_dsc(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Independent DSC: 2|A&B| / (|A|+|B|), 1 when both are empty."""
-    denom = pred.sum() + truth.sum()
-    return 1.0 if denom == 0 else 2.0 * np.logical_and(pred, truth).sum() / denom
 
 
 def _predictions(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -66,8 +61,8 @@ def _per_patient_rows(pred: dict[str, np.ndarray]) -> list[dict]:
     for patient in PATIENTS:
         m = pred["patient"] == patient
         p, t = pred["pred"][m], pred["truth"][m]
-        rows.append({"patient": patient, "slices": int(m.sum()), "dsc": _np_dsc(p, t) * 0.98,
-                     "dsc_lcc": _np_dsc(p, t), "accuracy": float((p == t).mean()),
+        rows.append({"patient": patient, "slices": int(m.sum()), "dsc": np_dsc(p, t) * 0.98,
+                     "dsc_lcc": np_dsc(p, t), "accuracy": float((p == t).mean()),
                      "precision": 0.9, "recall": 0.8, "true_pixels": int(t.sum()),
                      "pred_pixels": int(p.sum())})
     return rows
@@ -258,7 +253,7 @@ def test_per_patient_recomputed_when_csv_missing(tmp_path: Path):
     pred = np.load(workdir / "predictions.npz")
     for row, patient in zip(run.per_patient, PATIENTS):
         m = pred["patient"] == patient
-        assert row["dsc_lcc"] == pytest.approx(_np_dsc(pred["pred"][m], pred["truth"][m]))
+        assert row["dsc_lcc"] == pytest.approx(np_dsc(pred["pred"][m], pred["truth"][m]))
     text = report.write_report(workdir).read_text()
     assert "per_patient.csv missing" in text
 

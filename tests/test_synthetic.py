@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _reference import read_volume
 from unet_jax.synthetic import CSV_HEADER, synthetic_volume, write_synthetic_kaggle3m
 
 REAL_HEADER = (
@@ -18,18 +19,6 @@ REAL_HEADER = (
     "laterality,tumor_location,gender,age_at_initial_pathologic,race,ethnicity,death01"
 )
 FOLDER_RE = re.compile(r"^TCGA_(CS|DU|EZ|FG|HT)_\d{4}_\d{8}$")
-
-
-def _read(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im)
-
-
-def _volume(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    n = len(list(folder.glob("*_mask.tif")))
-    images = np.stack([_read(folder / f"{folder.name}_{k}.tif") for k in range(1, n + 1)])
-    masks = np.stack([_read(folder / f"{folder.name}_{k}_mask.tif") for k in range(1, n + 1)])
-    return images, masks
 
 
 def test_layout_files_and_formats(tmp_path):
@@ -46,7 +35,7 @@ def test_layout_files_and_formats(tmp_path):
         expected = sorted([f"{folder.name}_{k}.tif" for k in range(1, n + 1)]
                           + [f"{folder.name}_{k}_mask.tif" for k in range(1, n + 1)])
         assert names == expected
-        images, masks = _volume(folder)
+        images, masks = read_volume(folder)
         assert images.shape == (n, 64, 64, 3) and images.dtype == np.uint8
         assert masks.shape == (n, 64, 64) and masks.dtype == np.uint8
         assert set(np.unique(masks)) <= {0, 255}

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from _synth import blob_split
+from _synth import blob_train_val, tiny_config
 from unet_jax.checkpoint import TrainCheckpoints, load_model
 from unet_jax.config import Config
 from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_and_evaluate
@@ -38,10 +38,8 @@ def test_loss_falls_and_validation_dsc_rises(tmp_path):
     # 160 steps of a 4-feature U-Net on blob data. Thresholds: the mean of the last 5 logged
     # training losses is below 75% of the first (soft Dice falls slowly; untrained stays ~0.8), and the best validation DSC (after LCC) reaches 0.6 while the
     # first evaluation is lower — an untrained model scores ~0.1 here.
-    cfg = Config(name="learn", features=4, image_size=32, batch_size=8, epochs=40,
-                 learning_rate=3e-3, write_report=False, log_every_steps=4, seed=0,
-                 eval_every_epochs=8)
-    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+    cfg = tiny_config("learn", epochs=40, log_every_steps=4, seed=0, eval_every_epochs=8)
+    data = blob_train_val()
     summary = train_and_evaluate(cfg, tmp_path, data=data, progress=False)
     train = _records(tmp_path, "train")
     evals = _records(tmp_path, "eval")
@@ -94,9 +92,8 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
 
 @pytest.mark.slow
 def test_best_and_latest_survive_restart_and_nan_stops_cleanly(tmp_path):
-    cfg = Config(name="ck", features=4, image_size=32, batch_size=8, epochs=3,
-                 learning_rate=3e-3, write_report=False, log_every_steps=1, seed=1)
-    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+    cfg = tiny_config("ck", epochs=3, log_every_steps=1, seed=1)
+    data = blob_train_val()
     train_and_evaluate(cfg, tmp_path, data=data, progress=False)
     evals = _records(tmp_path, "eval")
     best_seen = max(r["val_dsc"] for r in evals)
@@ -127,10 +124,10 @@ def test_nan_in_data_stops_cleanly_with_last_good_checkpoint(tmp_path):
     killed = _worker(wd, tmp_path / "unused.npz", extra=("--kill-after-epoch", "1"))
     assert killed.returncode == -9, killed.stderr[-3000:]
     # Resume the same run on data with a NaN injected (every slice's normalisation is NaN).
-    bad_train = blob_split(4, 8, 32, 0, "T")
+    bad_train, val = blob_train_val()
     bad_train.std[:] = np.nan
     with pytest.raises(NonFiniteLossError, match=r"step 4 \(epoch 1\).*last good checkpoint is step 4"):
-        train_and_evaluate(CONFIG, wd, data=(bad_train, blob_split(2, 8, 32, 1, "V")), progress=False)
+        train_and_evaluate(CONFIG, wd, data=(bad_train, val), progress=False)
     ck = TrainCheckpoints(wd)
     assert ck.latest.latest_step() == 4
     ck.close()
@@ -156,9 +153,8 @@ def test_different_config_on_existing_workdir_is_refused(tmp_path):
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     # Evaluate (and so checkpoint) only every 2 epochs; Ctrl-C at the end of epoch 1 (step 4)
     # must save step 4 itself before the exception propagates.
-    cfg = Config(name="int", features=4, image_size=32, batch_size=8, epochs=2, eval_every_epochs=2,
-                 learning_rate=3e-3, write_report=False, log_every_steps=1, seed=2)
-    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+    cfg = tiny_config("int", epochs=2, eval_every_epochs=2, log_every_steps=1, seed=2)
+    data = blob_train_val()
 
     def interrupt(epoch, _):
         if epoch == 1:
@@ -179,9 +175,8 @@ def test_streaming_path_trains_like_the_resident_one(tmp_path):
     # A device-memory budget smaller than the data switches to grain streaming; the batches are
     # the same, only normalisation/augmentation is compiled separately (float rounding), so the
     # losses agree to 1e-4 relative over one epoch.
-    cfg = Config(name="s", features=4, image_size=32, batch_size=8, epochs=1,
-                 learning_rate=3e-3, write_report=False, log_every_steps=1, seed=4)
-    data = (blob_split(4, 8, 32, 0, "T"), blob_split(2, 8, 32, 1, "V"))
+    cfg = tiny_config("s", epochs=1, log_every_steps=1, seed=4)
+    data = blob_train_val()
     train_and_evaluate(cfg, tmp_path / "resident", data=data, progress=False)
     train_and_evaluate(cfg.replace(device_memory_budget_gb=1e-6), tmp_path / "stream", data=data,
                        progress=False)

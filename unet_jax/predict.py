@@ -494,8 +494,10 @@ class Predictor:
 
         self.config = config
         self.threshold = float(config.threshold if threshold is None else threshold)
-        if not 0.0 < self.threshold < 1.0:
-            raise PredictError(f"threshold must be in (0, 1), got {self.threshold}")
+        try:
+            logit_threshold = metrics.logit_threshold(self.threshold)  # the evaluation's rule
+        except ValueError as e:
+            raise PredictError(str(e)) from None
         if batch_size < 1:
             raise PredictError(f"batch size must be at least 1, got {batch_size}")
         if config.dataset_config not in ("baseline", "raw"):
@@ -507,7 +509,6 @@ class Predictor:
         self.lcc = lcc
         self.batch_size = int(batch_size)
         self.size = int(config.image_size)
-        logit_threshold = metrics.logit_threshold(self.threshold)  # the evaluation's rule
         aug = AugmentSpec(0.0, 0.0, 0.0, self.size)
         graphdef, state = nnx.split(model)
         self._state = jax.device_put(state)
@@ -585,6 +586,10 @@ class Predictor:
             p.done += b - a
             row += b - a
 
+    def _padded(self, rows: int) -> int:
+        """Rows a partial batch is padded to: the next power of two, at most ``batch_size``."""
+        return min(self.batch_size, _next_pow2(rows))
+
     def predict_volumes(self, volumes: Iterable[LoadedVolume],
                         on_progress: Callable[[int], None] | None = None,
                         on_notice: Callable[[str], None] | None = None,
@@ -624,7 +629,7 @@ class Predictor:
                 notice(s)
             # One batch holds one input shape (the baseline's are all STORED_SIZE square).
             if buffer and buffer[0][0].images.shape[1:] != prepared.images.shape[1:]:
-                run(buffered, _next_pow2(buffered))
+                run(buffered, self._padded(buffered))
             pending.append(prepared)
             if prepared.num_model_slices:
                 buffer.append((prepared, 0, prepared.num_model_slices))
@@ -633,7 +638,7 @@ class Predictor:
                 run(self.batch_size, self.batch_size)
             yield from finished()
         if buffered:
-            run(buffered, min(self.batch_size, _next_pow2(buffered)))
+            run(buffered, self._padded(buffered))
         yield from finished()
         assert not pending
 
@@ -660,8 +665,6 @@ class Predictor:
         loaded = p.loaded
         n, h, w = loaded.images.shape[:3]
         s = self.size
-        if p.pred is None:  # nothing went through the model
-            p.pred = p.truth = np.zeros((0, s, s), bool)
         processed = np.zeros(n, bool)
         if self.config.dataset_config == "baseline":
             if p.geometry is None:
@@ -672,19 +675,18 @@ class Predictor:
                 mask = preprocess.restore_prediction(p.pred, geometry)
                 processed[p.geometry.z_range[0]:p.geometry.z_range[1]] = True
         else:
-            iy, ix = preprocess.nearest_indices(s, h), preprocess.nearest_indices(s, w)
-            mask = p.pred[:, np.clip(iy, 0, None)][:, :, np.clip(ix, 0, None)]
+            mask = preprocess.resize_masks(p.pred, (h, w))
             processed[:] = True
         mask = np.asarray(mask, bool)
         if self.lcc:
             mask = metrics.largest_connected_component(mask)
+        lesion = int(mask.sum())
         m: dict[str, Any] = {"slices": n, "processed": int(processed.sum()),
-                             "lesion_pixels": int(mask.sum()),
-                             "lesion_fraction": float(mask.sum()) / (n * h * w)}
+                             "lesion_pixels": lesion, "lesion_fraction": lesion / (n * h * w)}
         if loaded.has_truth.all():
-            m["true_pixels"] = int(loaded.truth.sum())
-            m["dsc"] = metrics.dsc(mask, loaded.truth)
-            m["accuracy"] = metrics.pixel_accuracy(mask, loaded.truth)
+            c = metrics.counted_metrics(mask, loaded.truth)
+            m["true_pixels"] = int(c["true_pixels"])
+            m["dsc"], m["accuracy"] = c["dsc"], c["accuracy"]
             if p.num_model_slices:
                 vm = metrics.volume_metrics(p.pred, p.truth)
                 m["dsc_model"], m["dsc_model_lcc"] = vm["dsc"], vm["dsc_lcc"]
@@ -702,32 +704,32 @@ def _fmt(v: Any) -> Any:
 
 def _write_volume(result: VolumePrediction, out_dir: Path) -> list[dict[str, Any]]:
     """Write a volume's PNGs and GIF into ``out_dir/<volume>``; returns its CSV rows."""
-    from unet_jax.report import FLAIR_CHANNEL, overlay_rgb, write_volume_gif
+    from unet_jax.report import FLAIR_CHANNEL, overlay_rgb, write_overlay_gif
 
     spec = result.loaded.spec
     folder = out_dir / spec.name
     folder.mkdir()
     images = result.loaded.images
-    n, h, w = images.shape[:3]
-    rows = []
+    h, w = images.shape[1:3]
+    rows, overlays = [], []
     for k, s in enumerate(spec.slices):
         stem = s.path.stem
         Image.fromarray(result.mask[k].astype(np.uint8) * np.uint8(255)).save(
             folder / f"{stem}_pred.png")
-        Image.fromarray(overlay_rgb(images[k, ..., FLAIR_CHANNEL], result.loaded.truth[k],
-                                    result.mask[k])).save(folder / f"{stem}_overlay.png")
+        overlays.append(overlay_rgb(images[k, ..., FLAIR_CHANNEL], result.loaded.truth[k],
+                                    result.mask[k]))
+        Image.fromarray(overlays[-1]).save(folder / f"{stem}_overlay.png")
+        lesion = int(result.mask[k].sum())
         row = {"volume": spec.name, "level": "slice",
                "slice": "" if s.number is None else s.number, "input": str(s.path),
                "height": h, "width": w, "channels": result.loaded.channels, "slices": 1,
                "processed": int(result.processed[k]),
-               "lesion_pixels": int(result.mask[k].sum()),
-               "lesion_fraction": float(result.mask[k].sum()) / (h * w)}
+               "lesion_pixels": lesion, "lesion_fraction": lesion / (h * w)}
         if result.loaded.has_truth[k]:
             row["true_pixels"] = int(result.loaded.truth[k].sum())
         rows.append(row)
-    numbers = np.array([k + 1 if s.number is None else s.number for k, s in enumerate(spec.slices)])
-    write_volume_gif({"image": images, "truth": result.loaded.truth, "pred": result.mask,
-                      "slice_index": numbers}, np.arange(n), folder / f"{spec.name}.gif")
+    numbers = [k + 1 if s.number is None else s.number for k, s in enumerate(spec.slices)]
+    write_overlay_gif(overlays, numbers, folder / f"{spec.name}.gif")
     rows.append({"volume": spec.name, "level": "volume", "slice": "", "input": spec.source,
                  "height": h, "width": w, "channels": result.loaded.channels, **result.metrics})
     return rows

@@ -247,10 +247,12 @@ def resize_volume(volume: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(_resize_channels_first(volume, size).transpose(0, 2, 3, 1))
 
 
-def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize of ``(Z, H, W)`` masks to ``(Z, size, size)`` (dtype kept)."""
+def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of ``(Z, H, W)`` masks to ``(Z, size, size)``, or to
+    ``(Z, height, width)`` for ``size=(height, width)`` (dtype kept)."""
+    out_h, out_w = (size, size) if np.ndim(size) == 0 else size
     _, h, w = masks.shape
-    iy, ix = nearest_indices(h, size), nearest_indices(w, size)
+    iy, ix = nearest_indices(h, out_h), nearest_indices(w, out_w)
     out = masks[:, np.clip(iy, 0, None)][:, :, np.clip(ix, 0, None)]
     if (iy < 0).any() or (ix < 0).any():
         out[:, iy < 0] = 0
@@ -463,14 +465,14 @@ def restore_prediction(prediction: np.ndarray, geometry: VolumeGeometry) -> np.n
     if prediction.shape[:3] != expected:
         raise ValueError(f"prediction has shape {prediction.shape}, expected {expected}[+(K,)]")
     side = geometry.square_size
-    iy = nearest_indices(geometry.out_size, side)
-    ix = nearest_indices(geometry.out_size, side)
-    if (iy < 0).any():  # cannot happen for an upscale or downscale within the grid; be explicit
+    # One index map serves both axes (the square is resized alike in y and x).
+    idx = nearest_indices(geometry.out_size, side)
+    if (idx < 0).any():  # cannot happen for an upscale or downscale within the grid; be explicit
         raise ValueError("nearest-neighbour mapping fell outside the prediction")
-    square = prediction[:, iy][:, :, ix]
     top, bottom, left, right = geometry.padding
     y0, y1, x0, x1 = geometry.crop_box
-    crop = square[:, top : side - bottom, left : side - right]
+    # Gather only the rows and columns inside the padding, not the whole square.
+    crop = prediction[:, idx[top : side - bottom]][:, :, idx[left : side - right]]
     h, w = geometry.in_shape
     out = np.zeros((geometry.num_slices, h, w) + prediction.shape[3:], prediction.dtype)
     z0, z1 = geometry.z_range

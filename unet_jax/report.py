@@ -73,6 +73,7 @@ __all__ = [
     "plot_validation",
     "plot_patient_bars",
     "plot_overlays",
+    "write_overlay_gif",
     "write_volume_gif",
     "write_report",
     "write_run_report",
@@ -639,17 +640,26 @@ def write_volume_gif(
     """Animated GIF through one volume (its ``rows``), one overlay per slice, slice number
     printed in the corner; upscaled (nearest) to at least ``min_size`` pixels. Returns frames.
     """
-    frames = []
+    overlays = []
     for row in rows:
         image = predictions["image"][row]
         flair = image[..., FLAIR_CHANNEL] if image.ndim == 3 else image
-        rgb = overlay_rgb(flair, predictions["truth"][row], predictions["pred"][row])
+        overlays.append(overlay_rgb(flair, predictions["truth"][row], predictions["pred"][row]))
+    return write_overlay_gif(overlays, [int(predictions["slice_index"][r]) for r in rows], path,
+                             min_size=min_size, frame_ms=frame_ms)
+
+
+def write_overlay_gif(overlays: Sequence[np.ndarray], slice_numbers: Sequence[int], path: Path,
+                      *, min_size: int = 256, frame_ms: int = 200) -> int:
+    """Animated GIF of ready-made RGB overlays, each labelled ``slice <number>`` in the corner;
+    upscaled (nearest) to at least ``min_size`` pixels. Returns the number of frames."""
+    frames = []
+    for rgb, number in zip(overlays, slice_numbers, strict=True):
         scale = max(1, math.ceil(min_size / max(rgb.shape[:2])))
         frame = Image.fromarray(rgb).resize(
             (rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.NEAREST)
         # The label also keeps consecutive frames distinct: Pillow merges identical ones.
-        ImageDraw.Draw(frame).text((4, 4), f"slice {int(predictions['slice_index'][row])}",
-                                   fill=(255, 255, 255))
+        ImageDraw.Draw(frame).text((4, 4), f"slice {number}", fill=(255, 255, 255))
         frames.append(frame)
     if not frames:
         raise ValueError("no slices for the GIF")

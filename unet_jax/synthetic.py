@@ -124,14 +124,15 @@ def synthetic_volume(
 
 
 def _linear_upsampling(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) matrix of linear interpolation from n_in to n_out samples (pixel centres)."""
+    """(n_out, n_in) matrix of linear interpolation from n_in >= 2 to n_out samples (pixel
+    centres)."""
     pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    lo = np.minimum(np.floor(pos).astype(int), n_in - 2) if n_in > 1 else np.zeros(n_out, int)
+    # At most n_in - 2, so that lo + 1 is a sample (the last position gets frac == 1).
+    lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
     frac = (pos - lo).astype(np.float32)
     m = np.zeros((n_out, n_in), np.float32)
     m[np.arange(n_out), lo] = 1.0 - frac
-    if n_in > 1:
-        m[np.arange(n_out), lo + 1] += frac
+    m[np.arange(n_out), lo + 1] += frac
     return m
 
 

@@ -93,7 +93,9 @@ class Trainer:
     replicated over the mesh.
     """
 
-    def __init__(self, config: Config, train: ResidentData, mesh):
+    def __init__(self, config: Config, train: ResidentData | StreamingData, mesh):
+        """``train``: resident data for :meth:`train_step`; streaming data only describes the
+        sampler (its batches come through :meth:`train_step_on`)."""
         self.config = config
         self.data = train
         self.mesh = mesh
@@ -162,6 +164,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, jax.Array]:
         """One step on the resident pipeline's batch (sampled and augmented inside the jit)."""
+        if not isinstance(self.data, ResidentData):
+            raise TypeError("train_step needs resident data; streamed batches go through "
+                            "train_step_on")
         self.state, out = self._train_step(self.state, self.data.arrays, self.data_key)
         return out
 
@@ -280,25 +285,15 @@ class _HostRecords:
                 "channel_mean": self.split.mean[v], "channel_std": self.split.std[v]}
 
 
-def _metadata_only(split: SplitData) -> SplitData:
-    """The split with 1x1 images: what the trainer keeps on device when the pixels stream
-    (masks stay on the host side for the sampling weights, computed before this)."""
-    import dataclasses
-    return dataclasses.replace(split, images=np.zeros((split.num_examples, 1, 1, split.images.shape[-1]), np.uint8),
-                               masks=np.zeros((split.num_examples, 1, 1, 1), np.uint8))
-
-
-def evaluate_split(trainer: Trainer, val: ResidentData, threshold: float,
-                   predict_step=None, truth: np.ndarray | None = None
-                   ) -> tuple[dict, list[dict], np.ndarray]:
+def evaluate_split(trainer: Trainer, val: ResidentData, predict_step: Callable,
+                   truth: np.ndarray) -> tuple[dict, list[dict], np.ndarray]:
     """Per-patient metrics of the current model on ``val``: (summary, rows, binary preds).
 
-    ``truth``: the validation masks at the model's input size (:func:`eval_truth`); computed
-    here when not given.
+    ``predict_step``: :func:`evaluate.make_predict_step` of ``val``; ``truth``: the validation
+    masks at the model's input size (:func:`eval_truth`). Both are made once per run.
     """
-    step = predict_step or evaluate.make_predict_step(trainer.apply_eval, val, threshold)
-    out = evaluate.predict_split(step, (trainer.state["params"], trainer.state["batch_stats"]), val)
-    truth = eval_truth(val) if truth is None else truth
+    out = evaluate.predict_split(predict_step, (trainer.state["params"],
+                                                trainer.state["batch_stats"]), val)
     rows = evaluate.per_volume(out["pred"], truth, val.data, out)
     return evaluate.summarize(rows), rows, out["pred"]
 
@@ -384,8 +379,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
                                   config.sampling, aug)
         print(f"training data ({train_split.nbytes() / 2**30:.2f} GiB) exceeds the device-memory "
               f"budget of {config.device_memory_budget_gb} GiB: streaming it with grain")
-        train_split = _metadata_only(train_split)
-    train = ResidentData(train_split, mesh, config.batch_size, config.sampling, aug)
+    train = streaming or ResidentData(train_split, mesh, config.batch_size, config.sampling, aug)
     # Validation is evaluated in order from device memory (it is a tenth of the data).
     val = ResidentData(val_split, mesh, config.batch_size, config.sampling,
                        AugmentSpec(0, 0, 0, aug.image_size))
@@ -457,8 +451,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
             if end_of_epoch:
                 epoch = done // spe
                 if epoch % config.eval_every_epochs == 0 or done == total_steps:
-                    summary, rows, pred = evaluate_split(trainer, val, config.threshold, predict_step,
-                                                          val_truth)
+                    summary, rows, pred = evaluate_split(trainer, val, predict_step, val_truth)
                     is_best = save(done, summary["val_dsc"], {"metrics": summary})
                     if is_best:
                         writer.submit(_write_best, workdir, rows, val.data, pred)

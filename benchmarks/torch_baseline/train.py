@@ -23,6 +23,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +60,37 @@ def _amp_dtype(device: torch.device) -> torch.dtype:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class TorchSetup(NamedTuple):
+    """What :func:`tuned_setup` returns."""
+
+    model: torch.nn.Module | None
+    loader_kwargs: dict[str, Any]  # for make_loader
+    train_kwargs: dict[str, Any]  # for train_epoch
+
+
+def tuned_setup(
+    device: torch.device | str, tuned: bool, model: torch.nn.Module | None = None
+) -> TorchSetup:
+    """The baseline's settings (``tuned=False``) or tuned PyTorch's, in one place.
+
+    Tuned: cuDNN autotuning (CUDA; a process-wide switch, set here), the model in channels_last,
+    pinned host memory (CUDA), and ``train_epoch`` with autocast, channels_last inputs and no
+    per-step loss sync. ``model`` (optional) is moved to ``device``.
+    """
+    device = torch.device(device)
+    if tuned and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
+    if model is not None:
+        model = model.to(device)
+        if tuned:
+            model = model.to(memory_format=torch.channels_last)
+    return TorchSetup(
+        model,
+        {"pin_memory": tuned and device.type == "cuda"},
+        {"amp": tuned, "channels_last": tuned, "sync_every_step": not tuned},
+    )
 
 
 def train_epoch(
@@ -191,23 +223,16 @@ def main(argv: list[str] | None = None) -> dict:
     workers = args.workers if args.workers is not None else (2 if args.tuned else 0)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    if args.tuned and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     # Enough slices that an epoch covers the requested steps (drop_last).
     slices = args.slices or max(4, math.ceil(args.steps * args.batch_size / args.patients))
     volumes = synthetic_volumes(args.patients, slices, args.image_size, seed=args.seed)
     dataset = BaselineDataset(
         volumes, transform=transforms(args.aug_scale, args.aug_angle, args.flip_prob)
     )
-    loader = make_loader(
-        dataset,
-        args.batch_size,
-        workers,
-        pin_memory=args.tuned and device.type == "cuda",
+    model, loader_kwargs, train_kwargs = tuned_setup(
+        device, args.tuned, UNet(in_channels=3, out_channels=1, init_features=args.features)
     )
-    model = UNet(in_channels=3, out_channels=1, init_features=args.features).to(device)
-    if args.tuned:
-        model = model.to(memory_format=torch.channels_last)
+    loader = make_loader(dataset, args.batch_size, workers, **loader_kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     print(
         f"device={device} batch={args.batch_size} image={args.image_size} "
@@ -220,10 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer,
         device,
         max_steps=args.steps,
-        amp=args.tuned,
-        channels_last=args.tuned,
         log=print,
-        sync_every_step=not args.tuned,
+        **train_kwargs,
     )
     print(
         f"steps {result['steps']}  examples/s {result['examples_per_s']:.2f} "

@@ -14,6 +14,7 @@ import sys
 import time
 
 from .kaggle import LGGDataError
+from .lgg_mri_segmentation_dataset_builder import build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing build")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    # Imported here so that `--help` is instant.
-    from .lgg_mri_segmentation_dataset_builder import build
 
     configs = ["baseline", "raw"] if args.config == "all" else [args.config]
     for config in configs:

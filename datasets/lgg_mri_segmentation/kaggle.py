@@ -166,7 +166,7 @@ class Source:
         prefix = f"{self.root}/"
         out = {"": []}
         for d in dirs:
-            if d.startswith(prefix) and "/" not in d[len(prefix) :] and d != self.root:
+            if d.startswith(prefix) and "/" not in d[len(prefix) :]:
                 out.setdefault(d[len(prefix) :], [])
         for f in files:
             if not f.startswith(prefix):
@@ -692,7 +692,6 @@ def patient_examples(
     patient: PatientFiles,
     config: str,
     metadata: dict[str, int],
-    compress: bool = False,
 ) -> list[dict[str, Any]]:
     """The examples (one per slice) of one patient in the ``raw`` or ``baseline`` form.
 
@@ -701,17 +700,16 @@ def patient_examples(
       patient: the (checked) patient folder.
       config: ``"raw"`` or ``"baseline"``.
       metadata: the patient's data.csv fields.
-      compress: give ``image`` and ``mask`` as ``zlib.compress(array.tobytes(), ZLIB_LEVEL)``
-        (the format ``tfds.features.Tensor(encoding="zlib")`` stores and decodes), so that worker
-        processes do the compression instead of the process that writes the files.
 
     Returns:
-      One dict per slice, in slice order, matching the builder's features.
+      One dict per slice, in slice order, matching the builder's features; ``image`` and ``mask``
+      as ``zlib.compress(array.tobytes(), ZLIB_LEVEL)`` (what ``tfds.features.Tensor(encoding=
+      "zlib")`` stores), so that worker processes do the compression, not the writing process.
     """
     images, masks = read_patient(root, patient)
     if config == "raw":
         mean, std = preprocess.channel_stats_uint8(images)
-        image_out, mask_out = images, (masks // 255).astype(np.uint8)
+        image_out, mask_out = images, masks // 255  # uint8 stays uint8
         slice_numbers = range(1, patient.num_slices + 1)
         crop = (0, SLICE_SIZE, 0, SLICE_SIZE)
         pad = (0, 0, 0, 0)
@@ -739,8 +737,8 @@ def patient_examples(
     out = []
     for k, number in enumerate(slice_numbers):
         image, mask = image_out[k], mask_out[k][..., None]
-        if compress:
-            image = zlib.compress(np.ascontiguousarray(image).tobytes(), ZLIB_LEVEL)
-            mask = zlib.compress(np.ascontiguousarray(mask).tobytes(), ZLIB_LEVEL)
+        # tobytes() writes C order whatever the layout.
+        image = zlib.compress(image.tobytes(), ZLIB_LEVEL)
+        mask = zlib.compress(mask.tobytes(), ZLIB_LEVEL)
         out.append({"image": image, "mask": mask, "slice_index": np.int32(number), **common})
     return out

@@ -181,7 +181,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         """Args: num_workers: processes that read and preprocess patients (0: in this process;
         default: the number of CPUs, at most 8); other arguments as ``tfds.core.DatasetBuilder``."""
         self._num_workers = _default_workers() if num_workers is None else int(num_workers)
-        self._pool: _PatientPool | None = None
+        # Its worker processes start on first use, so an unused pool costs nothing.
+        self._pool = _PatientPool(self._num_workers)
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -211,9 +212,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         meta["validation_patients"] = val_ids
         meta["source"] = source.describe()
         meta["patients"] = {}
-        if self._pool is not None:
-            self._pool.close()
-        self._pool = _PatientPool(self._num_workers)
+        # Workers left by an interrupted earlier build; the pool restarts them on first use.
+        self._pool.close()
         return {
             split: self._generate_examples(
                 split, source, [by_id[i] for i in ids], metadata, last=(split == "validation")
@@ -230,12 +230,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         last: bool = False,
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         config = self.builder_config.name
-        jobs = [(source, p, config, metadata[p.patient_id], True) for p in patients]
+        jobs = [(source, p, config, metadata[p.patient_id]) for p in patients]
         # [patient_id, first example index, number of examples] per patient, in stored order.
         index: list[list[Any]] = []
         self.info.metadata["patients"][split] = index
         start = 0
-        pool = self._pool or _PatientPool(self._num_workers)
+        pool = self._pool
         try:
             for patient, examples in zip(patients, pool.map(jobs)):
                 index.append([patient.patient_id, start, len(examples)])
@@ -276,13 +276,13 @@ def build(
     if config not in ("baseline", "raw"):
         raise ValueError(f"config must be 'baseline' or 'raw', got {config!r}")
     builder = Builder(
+        # The constructor's file_format sets info.file_format, which both writing and reading use.
         config=config, data_dir=os.fspath(data_dir), file_format="array_record",
         num_workers=num_workers,
     )
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     builder.download_and_prepare(
-        file_format="array_record",
         download_config=tfds.download.DownloadConfig(
             manual_dir=os.fspath(manual_dir), download_mode=mode
         ),
