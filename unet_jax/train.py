@@ -41,6 +41,7 @@ from flax import nnx
 from unet_jax import evaluate
 from unet_jax.checkpoint import TrainCheckpoints, build_model
 from unet_jax.config import Config
+from unet_jax.data import load_data
 from unet_jax.input_pipeline import (AugmentSpec, ResidentData, SplitData, StreamingData,
                                      fits_on_device, make_mesh, replicated)
 from unet_jax.losses import get_loss
@@ -348,7 +349,8 @@ def _write_best(workdir: Path, rows: list[dict], split: SplitData, pred: np.ndar
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *,
-                       data: tuple[SplitData, SplitData] | None = None,
+                       data: tuple[SplitData, SplitData]
+                       | Callable[[], tuple[SplitData, SplitData]] | None = None,
                        restart: bool = False, progress: bool | None = None,
                        on_epoch_end: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming if it holds a run), evaluate every epoch,
@@ -358,16 +360,18 @@ def train_and_evaluate(config: Config, workdir: str | Path, *,
       config: the run's settings.
       workdir: where config.json, metrics.jsonl, checkpoints/, per_patient.csv,
         predictions.npz and the report go.
-      data: ``(train, validation)`` splits; default: loaded as ``config`` says
-        (:func:`unet_jax.data.load_data`).
+      data: ``(train, validation)`` splits, or a callable returning them (called once the
+        workdir is prepared, e.g. one that builds the data set first); default: read from the
+        built data set as ``config`` says (:func:`unet_jax.data.load_data`).
       restart: delete an existing run in ``workdir`` instead of resuming it.
       progress: show a progress bar (default: when stderr is a terminal).
     """
     workdir = Path(workdir).absolute()
     prepare_workdir(config, workdir, restart)
     if data is None:
-        from unet_jax.data import load_data
-        data = load_data(config, workdir)
+        data = load_data(config)
+    elif callable(data):
+        data = data()
     train_split, val_split = data
     mesh = make_mesh()
     aug = AugmentSpec(config.aug_scale, config.aug_angle, config.aug_flip,
