@@ -45,16 +45,17 @@ def _quantisation_error(manual_dir: Path, data_dir: Path) -> dict:
     import numpy as np
     import tensorflow_datasets as tfds
 
-    from datasets.lgg_mri_segmentation import kaggle
+    from datasets.lgg_mri_segmentation import archive, kaggle
     from unet_jax import preprocess
 
-    source = kaggle.open_source(manual_dir)
+    source = archive.open_source(manual_dir)
     patients = {p.patient_id: p for p in kaggle.list_patients(source)}
     max_err, sq_sum, count, max_r = 0.0, 0.0, 0, 0.0
     for split in ("train", "validation"):
         ds = tfds.data_source("lgg_mri_segmentation/baseline", data_dir=str(data_dir), split=split)
         index = tfds.builder("lgg_mri_segmentation/baseline", data_dir=str(data_dir)).info.metadata[
-            "patients"][split]
+            "patients"
+        ][split]
         for pid, start, n in index:
             images, masks = kaggle.read_patient(source, patients[pid])
             r, _, _ = preprocess.preprocess_volume_float(images, masks)
@@ -77,14 +78,22 @@ def _quantisation_error(manual_dir: Path, data_dir: Path) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manual_dir", type=Path, default=None,
-                        help="the download; default: restore ../shared/lgg into a temporary folder")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--manual_dir",
+        type=Path,
+        default=None,
+        help="the download; default: restore ../shared/lgg into a temporary folder",
+    )
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=["raw", "baseline"])
-    parser.add_argument("--quantisation", action="store_true",
-                        help="also measure the quantisation error of the baseline config")
+    parser.add_argument(
+        "--quantisation",
+        action="store_true",
+        help="also measure the quantisation error of the baseline config",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args()
 

@@ -1,4 +1,4 @@
-"""Where unet_jax's CPU train step loses to PyTorch: the 3x3 convolutions' weight gradients (issue 8).
+"""Where unet_jax's CPU train step loses to PyTorch (issue 8): the 3x3 convolutions' weight grads.
 
 Two measurements, in one process, alternating repetitions, medians:
 
@@ -31,12 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import harness
+from benchmarks.cli import run_cli
+from benchmarks.machine import format_machine, machine_info, summarize
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--features", type=int, default=32)
@@ -49,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _conv(x, w):
     import jax
 
-    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def weight_grad_fns(shape: tuple[int, int, int, int]) -> dict[str, Callable]:
@@ -63,7 +66,7 @@ def weight_grad_fns(shape: tuple[int, int, int, int]) -> dict[str, Callable]:
 
     def shifted(x):
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return [xp[:, i:i + s, j:j + s, :].reshape(k, c) for i in range(3) for j in range(3)]
+        return [xp[:, i : i + s, j : j + s, :].reshape(k, c) for i in range(3) for j in range(3)]
 
     def xla(x, dy):
         return jax.vjp(lambda w: _conv(x, w), jnp.zeros((3, 3, c, c), x.dtype))[1](dy)[0]
@@ -76,8 +79,9 @@ def weight_grad_fns(shape: tuple[int, int, int, int]) -> dict[str, Callable]:
         kc = 4096 if k % 4096 == 0 else k
         d = dy.reshape(k // kc, kc, c)
         dims = (((1,), (1,)), ((0,), (0,)))
-        return jnp.stack([jax.lax.dot_general(xs.reshape(k // kc, kc, c), d, dims).sum(0)
-                          for xs in shifted(x)]).reshape(3, 3, c, c)
+        return jnp.stack(
+            [jax.lax.dot_general(xs.reshape(k // kc, kc, c), d, dims).sum(0) for xs in shifted(x)]
+        ).reshape(3, 3, c, c)
 
     def im2col(x, dy):
         cols = jnp.concatenate(shifted(x), axis=-1)
@@ -92,18 +96,36 @@ def weight_grad_fns(shape: tuple[int, int, int, int]) -> dict[str, Callable]:
         xf = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(rows, c)
         xf = jnp.pad(xf, ((0, 2 * g + 2), (0, 0)))
         dg = jnp.pad(dy, ((0, 0), (0, 2), (0, 2), (0, 0))).reshape(rows, c)
-        return jnp.stack([jax.lax.slice_in_dim(xf, i * g + j, i * g + j + rows).T @ dg
-                          for i in range(3) for j in range(3)]).reshape(3, 3, c, c)
+        return jnp.stack(
+            [
+                jax.lax.slice_in_dim(xf, i * g + j, i * g + j + rows).T @ dg
+                for i in range(3)
+                for j in range(3)
+            ]
+        ).reshape(3, 3, c, c)
 
     def cnhw_shift9(x, dy):
         xt = jnp.pad(jnp.transpose(x, (3, 0, 1, 2)), ((0, 0), (0, 0), (1, 1), (1, 1)))
         dt = jnp.transpose(dy, (3, 0, 1, 2)).reshape(c, k)
-        return jnp.stack([xt[:, :, i:i + s, j:j + s].reshape(c, k) @ dt.T
-                          for i in range(3) for j in range(3)]).reshape(3, 3, c, c)
+        return jnp.stack(
+            [
+                xt[:, :, i : i + s, j : j + s].reshape(c, k) @ dt.T
+                for i in range(3)
+                for j in range(3)
+            ]
+        ).reshape(3, 3, c, c)
 
-    return {n: jax.jit(f) for n, f in (("xla", xla), ("shift9", shift9),
-                                         ("shift9_chunked", shift9_chunked), ("im2col", im2col),
-                                         ("flat9", flat9), ("cnhw_shift9", cnhw_shift9))}
+    return {
+        n: jax.jit(f)
+        for n, f in (
+            ("xla", xla),
+            ("shift9", shift9),
+            ("shift9_chunked", shift9_chunked),
+            ("im2col", im2col),
+            ("flat9", flat9),
+            ("cnhw_shift9", cnhw_shift9),
+        )
+    }
 
 
 def openblas_weight_grad(x: np.ndarray, dy: np.ndarray) -> tuple[Callable, np.ndarray]:
@@ -118,8 +140,9 @@ def openblas_weight_grad(x: np.ndarray, dy: np.ndarray) -> tuple[Callable, np.nd
         dg = np.zeros((b, g, g, c), np.float32)
         dg[:, :s, :s] = dy
         dg = dg.reshape(rows, c)
-        return np.stack([xf[i * g + j:i * g + j + rows].T @ dg
-                         for i in range(3) for j in range(3)]).reshape(3, 3, c, c)
+        return np.stack(
+            [xf[i * g + j : i * g + j + rows].T @ dg for i in range(3) for j in range(3)]
+        ).reshape(3, 3, c, c)
 
     return fn, fn()
 
@@ -135,7 +158,8 @@ def torch_weight_grad(x: np.ndarray, dy: np.ndarray) -> tuple[Callable, np.ndarr
 
     def fn():
         return torch.ops.aten.convolution_backward(
-            tdy, tx, tw, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, (False, False, True))[1]
+            tdy, tx, tw, None, (1, 1), (1, 1), (1, 1), False, (0, 0), 1, (False, False, True)
+        )[1]
 
     return fn, fn().permute(2, 3, 1, 0).numpy()
 
@@ -150,11 +174,12 @@ def _time(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, dict[str, A
             t = time.perf_counter()
             f()
             times[n].append(time.perf_counter() - t)
-    return {n: harness.summarize(v) for n, v in times.items()}
+    return {n: summarize(v) for n, v in times.items()}
 
 
-def layer_table(batch: int, size: int, features: int, levels: int, reps: int,
-                log=print) -> list[dict[str, Any]]:
+def layer_table(
+    batch: int, size: int, features: int, levels: int, reps: int, log=print
+) -> list[dict[str, Any]]:
     """Per-level weight-gradient timings (ms) and agreement with PyTorch."""
     import jax
 
@@ -173,14 +198,20 @@ def layer_table(batch: int, size: int, features: int, levels: int, reps: int,
             got = np.asarray(f(x, dy))
             err[n] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
             if err[n] > 1e-4:
-                raise AssertionError(f"{n} weight gradient differs from PyTorch's by {err[n]:.2e} "
-                                     f"(relative) at {shape}")
+                raise AssertionError(
+                    f"{n} weight gradient differs from PyTorch's by {err[n]:.2e} "
+                    f"(relative) at {shape}"
+                )
         timed = {n: (lambda f=f: jax.block_until_ready(f(x, dy))) for n, f in fns.items()}
         timed["openblas_flat9"] = blas_fn
         timed["torch"] = torch_fn
         res = _time(timed, reps)
-        row = {"shape": shape, "max_rel_err": err,
-               "ms": {n: 1e3 * r["median"] for n, r in res.items()}, "raw": res}
+        row = {
+            "shape": shape,
+            "max_rel_err": err,
+            "ms": {n: 1e3 * r["median"] for n, r in res.items()},
+            "raw": res,
+        }
         rows.append(row)
         log(f"  {shape}: " + "  ".join(f"{n} {v:.1f} ms" for n, v in row["ms"].items()))
     return rows
@@ -203,8 +234,11 @@ def step_breakdown(batch: int, size: int, features: int, reps: int) -> dict[str,
     def loss(p, x):
         return jnp.mean(jax.nn.sigmoid(nnx.merge(graphdef, p, rest, copy=True)(x)))
 
-    jfns = {"forward": jax.jit(loss), "input grads": jax.jit(jax.grad(loss, argnums=1)),
-            "param grads": jax.jit(jax.grad(loss, argnums=0))}
+    jfns = {
+        "forward": jax.jit(loss),
+        "input grads": jax.jit(jax.grad(loss, argnums=1)),
+        "param grads": jax.jit(jax.grad(loss, argnums=0)),
+    }
     tmodel = TorchUNet(3, 1, features)
     tmodel.train()
     tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
@@ -220,11 +254,17 @@ def step_breakdown(batch: int, size: int, features: int, reps: int) -> dict[str,
                 p.grad = None
             xi = tx.clone().requires_grad_(wrt_input)
             torch.sigmoid(tmodel(xi)).mean().backward()
+
         return fn
 
     timed = {f"jax {n}": (lambda f=f: jax.block_until_ready(f(params, x))) for n, f in jfns.items()}
-    timed.update({"torch forward": t_forward, "torch input grads": t_grad(True),
-                  "torch param grads": t_grad(False)})
+    timed.update(
+        {
+            "torch forward": t_forward,
+            "torch input grads": t_grad(True),
+            "torch param grads": t_grad(False),
+        }
+    )
     res = _time(timed, reps)
     for p in tmodel.parameters():
         p.requires_grad_(True)
@@ -243,35 +283,50 @@ def format_tables(breakdown: dict, layers: list[dict]) -> str:
         j, t = breakdown["jax"][n], breakdown["torch"][n]
         lines.append(f"| {n} | {j:.0f} | {t:.0f} | {j / t:.2f}x |")
     names = list(layers[0]["ms"])
-    lines += ["", "| conv input = output (N, H, W, C) | " + " | ".join(names)
-              + " | best XLA / torch |", "|---|" + "---:|" * (len(names) + 1)]
+    lines += [
+        "",
+        "| conv input = output (N, H, W, C) | " + " | ".join(names) + " | best XLA / torch |",
+        "|---|" + "---:|" * (len(names) + 1),
+    ]
     for r in layers:
         best = min(v for n, v in r["ms"].items() if n not in NOT_XLA)
-        lines.append(f"| {tuple(r['shape'])} | " + " | ".join(f"{r['ms'][n]:.1f}" for n in names)
-                     + f" | {best / r['ms']['torch']:.2f}x |")
+        lines.append(
+            f"| {tuple(r['shape'])} | "
+            + " | ".join(f"{r['ms'][n]:.1f}" for n in names)
+            + f" | {best / r['ms']['torch']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     """Run both measurements; returns the JSON-able result."""
-    before = harness.machine_info()
-    log(f"conv_grad: batch {args.batch}, {args.image_size}x{args.image_size}, features "
-        f"{args.features}, {args.reps} reps")
+    before = machine_info()
+    log(
+        f"conv_grad: batch {args.batch}, {args.image_size}x{args.image_size}, features "
+        f"{args.features}, {args.reps} reps"
+    )
     breakdown = step_breakdown(args.batch, args.image_size, args.features, args.reps)
     layers = layer_table(args.batch, args.image_size, args.features, args.levels, args.reps, log)
     table = format_tables(breakdown, layers)
     log("")
-    log(f"machine: {harness.format_machine(before)}")
+    log(f"machine: {format_machine(before)}")
     log(f"median of {args.reps} alternating repetitions; float32 on the CPU")
     log("")
     log(table)
-    return {"benchmark": "conv_grad", "command": command, "args": vars(args), "machine": before,
-            "breakdown_ms": breakdown, "layers": layers, "table": table}
+    return {
+        "benchmark": "conv_grad",
+        "command": command,
+        "args": vars(args),
+        "machine": before,
+        "breakdown_ms": breakdown,
+        "layers": layers,
+        "table": table,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: parse, run, print the tables, optionally write JSON (``--out``)."""
-    return harness.run_cli("benchmarks.conv_grad", build_parser, run, argv)
+    return run_cli("benchmarks.conv_grad", build_parser, run, argv)
 
 
 if __name__ == "__main__":

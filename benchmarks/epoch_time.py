@@ -28,7 +28,7 @@ Reported for each, median of the repetitions with the spread (min-max):
 Image size: the data is stored at 256x256. Below that, both frameworks resize every example on
 the fly before augmenting: unet_jax on device inside its step (anti-aliased linear, masks
 thresholded at 0.5), PyTorch with scikit-image's anti-aliased linear ``resize`` in the Dataset
-(:class:`benchmarks.harness.ResizePair`), so both pay for it.
+(:class:`benchmarks.runners.ResizePair`), so both pay for it.
 
 Each variant lives in its own worker process (memory is attributable, DataLoader workers fork
 safely, and only one variant computes at a time). Usage::
@@ -52,32 +52,52 @@ import math
 import os
 from typing import Any
 
-from benchmarks import harness
+from benchmarks.cli import add_data_args, data_from_args, resize_note, run_cli
+from benchmarks.data import REAL_TRAIN_EXAMPLES
+from benchmarks.flops import peak_tflops, training_flops_per_example, unet_forward_flops
+from benchmarks.machine import fmt_summary, format_machine, machine_info, summarize
+from benchmarks.runners import examples_needed
+from benchmarks.workers import round_robin, started
 
 VARIANTS = ("baseline", "torch_tuned", "unet_jax")
 TASKS = ("data", "step_fixed", "step_data")
-TASK_TITLES = {"data": "data pipeline ex/s", "step_fixed": "train ex/s, data excluded",
-               "step_data": "train ex/s, data included"}
+TASK_TITLES = {
+    "data": "data pipeline ex/s",
+    "step_fixed": "train ex/s, data excluded",
+    "step_data": "train ex/s, data included",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--steps", type=int, default=5, help="steps (batches) per measurement")
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--features", type=int, default=32, help="U-Net features of the first level")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {VARIANTS} (unet_jax is always included)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated subset of {VARIANTS} (unet_jax is always included)",
+    )
     p.add_argument("--tuned-workers", type=int, default=2, help="DataLoader workers of torch_tuned")
-    p.add_argument("--jax-dtype", choices=("float32", "bfloat16"), default=None,
-                   help="unet_jax compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="device peak TFLOP/s for model FLOP utilisation (default: from a table "
-                        "of dense bf16 peaks by GPU name)")
-    harness.add_data_args(p)
+    p.add_argument(
+        "--jax-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="unet_jax compute dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="device peak TFLOP/s for model FLOP utilisation (default: from a table "
+        "of dense bf16 peaks by GPU name)",
+    )
+    add_data_args(p)
     return p
 
 
@@ -94,10 +114,28 @@ def variant_specs(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, An
     ctx = "spawn" if args.inprocess else None
     common = dict(image_size=args.image_size, features=args.features, seed=args.seed)
     specs = {
-        "baseline": ("torch", dict(batch=args.batch, tuned=False, workers=0, device=torch_device,
-                                   mp_context=ctx, **common)),
-        "torch_tuned": ("torch", dict(batch=args.batch, tuned=True, workers=args.tuned_workers,
-                                      device=torch_device, mp_context=ctx, **common)),
+        "baseline": (
+            "torch",
+            dict(
+                batch=args.batch,
+                tuned=False,
+                workers=0,
+                device=torch_device,
+                mp_context=ctx,
+                **common,
+            ),
+        ),
+        "torch_tuned": (
+            "torch",
+            dict(
+                batch=args.batch,
+                tuned=True,
+                workers=args.tuned_workers,
+                device=torch_device,
+                mp_context=ctx,
+                **common,
+            ),
+        ),
         "unet_jax": ("jax", dict(batch_sizes=[args.batch], dtype=args.jax_dtype, **common)),
     }
     return {n: specs[n] for n in VARIANTS if n in names}
@@ -107,17 +145,27 @@ def worker_env(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     """Per-variant environment of the worker processes."""
     if args.device == "gpu":
         # Two frameworks share the GPU: keep JAX from preallocating most of its memory.
-        jax_env = {"JAX_PLATFORMS": "cuda",
-                   "XLA_PYTHON_CLIENT_MEM_FRACTION":
-                       os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")}
+        jax_env = {
+            "JAX_PLATFORMS": "cuda",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get(
+                "XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45"
+            ),
+        }
     else:
         jax_env = {"JAX_PLATFORMS": "cpu"}
     return {"unet_jax": jax_env}
 
 
-def analyse(per_task: dict[str, dict[str, list[dict[str, Any]]]], infos: dict[str, dict],
-            memory: dict[str, dict], *, train_examples: int, flops_per_example: float,
-            peak: float | None, gpu: bool) -> list[dict[str, Any]]:
+def analyse(
+    per_task: dict[str, dict[str, list[dict[str, Any]]]],
+    infos: dict[str, dict],
+    memory: dict[str, dict],
+    *,
+    train_examples: int,
+    flops_per_example: float,
+    peak: float | None,
+    gpu: bool,
+) -> list[dict[str, Any]]:
     """Per-variant result rows (medians, spreads, epoch projection, memory, ratios, TFLOP/s).
 
     ``per_task[variant][task]`` holds the raw results of every repetition.
@@ -126,11 +174,12 @@ def analyse(per_task: dict[str, dict[str, list[dict[str, Any]]]], infos: dict[st
     for name, tasks in per_task.items():
         row: dict[str, Any] = {"variant": name, "info": infos[name], "memory": memory[name]}
         for task in TASKS:
-            row[task] = harness.summarize([r["examples_per_s"] for r in tasks[task]])
-        row["epoch_s"] = harness.summarize(
-            [train_examples / r["examples_per_s"] for r in tasks["step_data"]])
+            row[task] = summarize([r["examples_per_s"] for r in tasks[task]])
+        row["epoch_s"] = summarize(
+            [train_examples / r["examples_per_s"] for r in tasks["step_data"]]
+        )
         startups = [r["startup_s"] for r in tasks["step_data"] if "startup_s" in r]
-        row["loader_startup_s"] = harness.summarize(startups) if startups else None
+        row["loader_startup_s"] = summarize(startups) if startups else None
         mem = memory[name]
         row["peak_mem_mb"] = mem.get("device_peak_mb") if gpu else mem.get("peak_rss_delta_mb")
         row["mem_kind"] = "device peak" if gpu else "peak RSS delta"
@@ -152,23 +201,31 @@ def analyse(per_task: dict[str, dict[str, list[dict[str, Any]]]], infos: dict[st
 def format_table(rows: list[dict[str, Any]], train_examples: int, gpu: bool) -> str:
     """The markdown table of :func:`analyse`'s rows."""
     mem_title = "peak GPU mem MiB" if gpu else "peak RSS delta MiB"
-    head = (["variant"] + [TASK_TITLES[t] for t in TASKS]
-            + [f"epoch s ({train_examples:,} ex)", mem_title,
-               "unet_jax speed-up: data / excl. / incl."])
+    head = (
+        ["variant"]
+        + [TASK_TITLES[t] for t in TASKS]
+        + [f"epoch s ({train_examples:,} ex)", mem_title, "unet_jax speed-up: data / excl. / incl."]
+    )
     if gpu:
         head += ["TFLOP/s excl. / incl.", "MFU excl. / incl."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         ratios = r["ratio_unet_jax"]
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
-        cells = ([f"`{r['variant']}`"] + [harness.fmt_summary(r[t]) for t in TASKS]
-                 + [harness.fmt_summary(r["epoch_s"]), mem,
-                    " / ".join(f"{ratios[t]:.2f}x" for t in TASKS)])
+        cells = (
+            [f"`{r['variant']}`"]
+            + [fmt_summary(r[t]) for t in TASKS]
+            + [fmt_summary(r["epoch_s"]), mem, " / ".join(f"{ratios[t]:.2f}x" for t in TASKS)]
+        )
         if gpu:
             a = r["achieved"]
             cells.append(f"{a['step_fixed']['tflops']:.1f} / {a['step_data']['tflops']:.1f}")
-            cells.append(" / ".join("-" if a[t]["mfu"] is None else f"{100 * a[t]['mfu']:.1f}%"
-                                    for t in ("step_fixed", "step_data")))
+            cells.append(
+                " / ".join(
+                    "-" if a[t]["mfu"] is None else f"{100 * a[t]['mfu']:.1f}%"
+                    for t in ("step_fixed", "step_data")
+                )
+            )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -177,26 +234,29 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
     """Run the benchmark described by parsed ``args``; returns the JSON-able result."""
     if args.jax_dtype is None:
         args.jax_dtype = "bfloat16" if args.device == "gpu" else "float32"
-    before = harness.machine_info()
-    split, data_label = harness.data_from_args(args)
+    before = machine_info()
+    split, data_label = data_from_args(args)
     real = not data_label.startswith("SYNTHETIC")
-    train_examples = split.num_examples if real and args.patients is None else harness.REAL_TRAIN_EXAMPLES
-    resize = harness.resize_note(split.images.shape[1], args.image_size, "frameworks")
-    log(f"epoch_time: device {args.device}, batch {args.batch}, {args.image_size}x{args.image_size}"
-        f" ({resize}), features {args.features}, {args.steps} steps x {args.reps} reps")
+    train_examples = split.num_examples if real and args.patients is None else REAL_TRAIN_EXAMPLES
+    resize = resize_note(split.images.shape[1], args.image_size, "frameworks")
+    log(
+        f"epoch_time: device {args.device}, batch {args.batch}, {args.image_size}x{args.image_size}"
+        f" ({resize}), features {args.features}, {args.steps} steps x {args.reps} reps"
+    )
     log(f"data: {data_label}")
     specs = variant_specs(args)
     # Each measurement is `steps` batches after max(1, workers) start-up batches of a fresh
     # DataLoader iterator, all within one epoch of the loader.
-    need = harness.examples_needed(args.steps, args.tuned_workers, args.batch)
+    need = examples_needed(args.steps, args.tuned_workers, args.batch)
     if need > split.num_examples:
-        raise SystemExit(f"{split.num_examples} examples are fewer than the {need} one measurement "
-                         "needs: use fewer --steps or more data")
+        raise SystemExit(
+            f"{split.num_examples} examples are fewer than the {need} one measurement "
+            "needs: use fewer --steps or more data"
+        )
     tasks = [(name, {"task": task, "steps": args.steps}) for task in TASKS for name in specs]
-    with harness.started(specs, split, inprocess=args.inprocess, env=worker_env(args),
-                         log=log) as handles:
+    with started(specs, split, inprocess=args.inprocess, env=worker_env(args), log=log) as handles:
         del split  # the workers hold their own copies
-        results = harness.round_robin(handles, tasks, args.reps, log=log)
+        results = round_robin(handles, tasks, args.reps, log=log)
         infos = {n: h.info for n, h in handles.items()}
         memory = {n: h.finish() for n, h in handles.items()}
     per_task: dict[str, dict[str, list]] = {n: {} for n in specs}
@@ -208,49 +268,76 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
             if not all(math.isfinite(x) for x in losses):
                 raise RuntimeError(f"{name} {t}: non-finite training loss {losses}")
 
-    flops_fwd = harness.unet_forward_flops(args.features, args.image_size)
-    flops_train = harness.training_flops_per_example(args.features, args.image_size)
+    flops_fwd = unet_forward_flops(args.features, args.image_size)
+    flops_train = training_flops_per_example(args.features, args.image_size)
     jax_info = infos["unet_jax"]
     gpu = args.device == "gpu"
-    peak = args.peak_tflops or (harness.peak_tflops(jax_info.get("device_kind")) if gpu else None)
-    rows = analyse(per_task, infos, memory, train_examples=train_examples,
-                   flops_per_example=flops_train, peak=peak, gpu=gpu)
-    after = harness.machine_info()
-    flops = {"analytic_forward_per_example": flops_fwd,
-             "analytic_training_per_example (3x forward)": flops_train,
-             **(jax_info.get("flops") or {})}
+    peak = args.peak_tflops or (peak_tflops(jax_info.get("device_kind")) if gpu else None)
+    rows = analyse(
+        per_task,
+        infos,
+        memory,
+        train_examples=train_examples,
+        flops_per_example=flops_train,
+        peak=peak,
+        gpu=gpu,
+    )
+    after = machine_info()
+    flops = {
+        "analytic_forward_per_example": flops_fwd,
+        "analytic_training_per_example (3x forward)": flops_train,
+        **(jax_info.get("flops") or {}),
+    }
     table = format_table(rows, train_examples, gpu)
     xf = flops.get("xla_forward_per_example")
     xt = flops.get("xla_train_step_per_example")
     log("")
-    log(f"machine: {harness.format_machine(before)}")
+    log(f"machine: {format_machine(before)}")
     log(f"load average after: {after['loadavg']}")
-    log(f"data: {data_label}; image {args.image_size} ({resize}); batch {args.batch}; "
+    log(
+        f"data: {data_label}; image {args.image_size} ({resize}); batch {args.batch}; "
         f"features {args.features}; unet_jax dtype {args.jax_dtype}; torch_tuned workers "
-        f"{args.tuned_workers}")
-    log(f"FLOPs per example: analytic forward {flops_fwd / 1e9:.3f} G, training (3x) "
+        f"{args.tuned_workers}"
+    )
+    log(
+        f"FLOPs per example: analytic forward {flops_fwd / 1e9:.3f} G, training (3x) "
         f"{flops_train / 1e9:.3f} G; XLA cost analysis: forward "
         f"{'-' if xf is None else f'{xf / 1e9:.3f} G'}, whole train step "
-        f"{'-' if xt is None else f'{xt / 1e9:.3f} G'}")
+        f"{'-' if xt is None else f'{xt / 1e9:.3f} G'}"
+    )
     if gpu:
-        log(f"peak for MFU: {peak} TFLOP/s ({'--peak-tflops' if args.peak_tflops else 'table'}, "
-            f"device {jax_info.get('device_kind')})")
+        log(
+            f"peak for MFU: {peak} TFLOP/s ({'--peak-tflops' if args.peak_tflops else 'table'}, "
+            f"device {jax_info.get('device_kind')})"
+        )
     if not gpu and not all(m.get("attributable") for m in memory.values()):
-        log("note: --inprocess: every variant shares one process, so its peak RSS is not "
-            "attributable to a variant")
+        log(
+            "note: --inprocess: every variant shares one process, so its peak RSS is not "
+            "attributable to a variant"
+        )
     log(f"median (min-max) of {args.reps} alternating repetitions of {args.steps} steps:")
     log("")
     log(table)
-    return {"benchmark": "epoch_time", "command": command, "args": vars(args),
-            "machine": before, "loadavg_after": after["loadavg"], "data": data_label,
-            "resize": resize, "train_examples": train_examples, "flops": flops,
-            "peak_tflops": peak, "results": rows,
-            "raw": per_task, "table": table}
+    return {
+        "benchmark": "epoch_time",
+        "command": command,
+        "args": vars(args),
+        "machine": before,
+        "loadavg_after": after["loadavg"],
+        "data": data_label,
+        "resize": resize,
+        "train_examples": train_examples,
+        "flops": flops,
+        "peak_tflops": peak,
+        "results": rows,
+        "raw": per_task,
+        "table": table,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: parse, run, print the table, optionally write JSON (``--out``)."""
-    return harness.run_cli("benchmarks.epoch_time", build_parser, run, argv)
+    return run_cli("benchmarks.epoch_time", build_parser, run, argv)
 
 
 if __name__ == "__main__":

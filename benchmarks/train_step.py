@@ -55,7 +55,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # XLA flag presets that can be combined per variant (flags=a+b); all exist in jaxlib 0.10.2
 # (strings of libjax_common.so). None paid reliably on the 2-core CPU (issue 8 notes), so
@@ -65,7 +66,7 @@ FLAG_PRESETS: dict[str, str] = {
     # or widened.
     "noynn": "--xla_cpu_experimental_ynn_fusion_type=",
     "ynnall": "--xla_cpu_experimental_ynn_fusion_type="
-              "individual_dot,individual_convolution,dot,eltwise,reduce",
+    "individual_dot,individual_convolution,dot,eltwise,reduce",
     "ynnconv": "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution",
     # XNNPACK fusions (older path) and oneDNN.
     "xnn": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
@@ -86,6 +87,7 @@ FLAG_PRESETS: dict[str, str] = {
 # Variant specification
 # --------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One benchmarked configuration, parsed from a variant string."""
@@ -104,7 +106,8 @@ class Variant:
 
 
 def parse_variant(spec: str) -> Variant:
-    """Parse ``torch``, ``torch:cl``, ``jax`` or ``jax:opt,opt=value,...`` (see module docstring)."""
+    """Parse ``torch``, ``torch:cl``, ``jax`` or ``jax:opt,opt=value,...`` (see the module
+    docstring)."""
     spec = spec.strip()
     framework, _, opts = spec.partition(":")
     if framework == "torch":
@@ -138,7 +141,9 @@ def parse_variant(spec: str) -> Variant:
         elif key == "flags":
             for preset in value.split("+"):
                 if preset not in FLAG_PRESETS:
-                    raise ValueError(f"unknown flag preset {preset!r}; valid: {sorted(FLAG_PRESETS)}")
+                    raise ValueError(
+                        f"unknown flag preset {preset!r}; valid: {sorted(FLAG_PRESETS)}"
+                    )
                 flags.append(FLAG_PRESETS[preset])
         elif key == "raw" and value.startswith("--xla"):
             flags.append(value)
@@ -152,6 +157,7 @@ def parse_variant(spec: str) -> Variant:
 # --------------------------------------------------------------------------------------------
 # Shared data
 # --------------------------------------------------------------------------------------------
+
 
 def make_batch(batch: int, image_size: int, seed: int = 0):
     """The same float32 NHWC images and {0,1} masks for every variant (numpy)."""
@@ -168,8 +174,10 @@ def make_batch(batch: int, image_size: int, seed: int = 0):
 # PyTorch step
 # --------------------------------------------------------------------------------------------
 
-def make_torch_step(v: Variant, batch: int, image_size: int, features: int,
-                    threads: int) -> Callable[[], float]:
+
+def make_torch_step(
+    v: Variant, batch: int, image_size: int, features: int, threads: int
+) -> Callable[[], float]:
     """Return a closure running one PyTorch training step and returning its loss."""
     import torch
 
@@ -202,6 +210,7 @@ def make_torch_step(v: Variant, batch: int, image_size: int, features: int,
 # JAX: functional forward with the model's own parameter pytree (for formulation variants)
 # --------------------------------------------------------------------------------------------
 
+
 def _conv3x3(x, kernel, v: Variant):
     """3x3, stride 1, padding 1 convolution of x (layout per ``v``) with an HWIO kernel."""
     import jax.numpy as jnp
@@ -212,7 +221,7 @@ def _conv3x3(x, kernel, v: Variant):
         return lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dn)
     n, h, w, cin = x.shape
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    shifted = [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+    shifted = [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
     if v.conv == "im2col":
         # (N,H,W,9*Cin) @ (9*Cin, Cout): row order (i, j, ci) matches kernel.reshape(9*Cin, Cout).
         cols = jnp.concatenate(shifted, axis=-1)
@@ -243,8 +252,10 @@ def _batchnorm(x, p, s, v: Variant, momentum: float = 0.1, eps: float = 1e-5):
     else:  # onepass: both sums in one read of x (less accurate for large means)
         var = jnp.maximum(jnp.mean(jnp.square(x32), axis=axes) - jnp.square(mean), 0.0)
     n = math.prod(x.shape) // x.shape[caxis]
-    new = {"running_mean": (1 - momentum) * s["running_mean"] + momentum * mean,
-           "running_var": (1 - momentum) * s["running_var"] + momentum * var * (n / max(n - 1, 1))}
+    new = {
+        "running_mean": (1 - momentum) * s["running_mean"] + momentum * mean,
+        "running_var": (1 - momentum) * s["running_var"] + momentum * var * (n / max(n - 1, 1)),
+    }
     inv = lax.rsqrt(var + eps) * p["scale"]
     y = (x32 - mean.reshape(bshape)) * inv.reshape(bshape) + p["bias"].reshape(bshape)
     return y.astype(x.dtype), new
@@ -273,7 +284,10 @@ def _upconv(x, p, v: Variant):
         y = y + p["bias"].astype(x.dtype)
         return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, cout)
     n, _, h, w = x.shape
-    y = jnp.einsum("nchw,cabo->noabhw", x, k) + p["bias"].astype(x.dtype)[None, :, None, None, None, None]
+    y = (
+        jnp.einsum("nchw,cabo->noabhw", x, k)
+        + p["bias"].astype(x.dtype)[None, :, None, None, None, None]
+    )
     return y.transpose(0, 1, 4, 2, 5, 3).reshape(n, cout, 2 * h, 2 * w)
 
 
@@ -343,6 +357,7 @@ def make_jax_step(v: Variant, batch: int, image_size: int, features: int) -> Cal
         def forward(p, s, x):
             return functional_unet(p, s, x, v)
     else:
+
         def forward(p, s, x):
             m = nnx.merge(graphdef, p, s, copy=True)
             logits = m(x)
@@ -372,8 +387,9 @@ def make_jax_step(v: Variant, batch: int, image_size: int, features: int) -> Cal
     return step
 
 
-def make_step(v: Variant, batch: int, image_size: int, features: int,
-              threads: int) -> Callable[[], float]:
+def make_step(
+    v: Variant, batch: int, image_size: int, features: int, threads: int
+) -> Callable[[], float]:
     """Build the step closure of any variant (in the current process)."""
     if v.framework == "torch":
         return make_torch_step(v, batch, image_size, features, threads)
@@ -383,6 +399,7 @@ def make_step(v: Variant, batch: int, image_size: int, features: int,
 # --------------------------------------------------------------------------------------------
 # Worker process and round-robin driver
 # --------------------------------------------------------------------------------------------
+
 
 def _worker(args: argparse.Namespace) -> None:
     """Build one variant, warm it up, then run one timed step per 'step' line on stdin."""
@@ -407,13 +424,26 @@ def _start_worker(v: Variant, args: argparse.Namespace) -> tuple[subprocess.Pope
     if v.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + v.xla_flags).strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
-    cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", v.name,
-           "--batch", str(args.batch), "--image-size", str(args.image_size),
-           "--features", str(args.features), "--threads", str(args.threads)]
-    from benchmarks.harness import REPO
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_step",
+        "--worker",
+        v.name,
+        "--batch",
+        str(args.batch),
+        "--image-size",
+        str(args.image_size),
+        "--features",
+        str(args.features),
+        "--threads",
+        str(args.threads),
+    ]
+    from benchmarks.machine import REPO
 
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
     line = proc.stdout.readline()
     if not line:
         proc.wait()
@@ -421,16 +451,25 @@ def _start_worker(v: Variant, args: argparse.Namespace) -> tuple[subprocess.Pope
     return proc, json.loads(line)
 
 
-def run_benchmark(variants: list[str], batch: int, image_size: int, features: int, reps: int,
-                  threads: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
+def run_benchmark(
+    variants: list[str],
+    batch: int,
+    image_size: int,
+    features: int,
+    reps: int,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
     """Benchmark the variants side by side; returns one result dict per variant.
 
-    Each result has ``variant``, ``compile_s``, ``times_ms`` (one per rep, in rep order), ``median_ms``,
-    ``min_ms``, ``max_ms``, ``examples_per_s``, ``losses`` and ``ratio_to_torch`` (median over the
-    first torch variant's median; None without one).
+    Each result has ``variant``, ``compile_s``, ``times_ms`` (one per rep, in rep order),
+    ``median_ms``, ``min_ms``, ``max_ms``, ``examples_per_s``, ``losses`` and ``ratio_to_torch``
+    (median over the first torch variant's median; None without one).
     """
     threads = threads or os.cpu_count() or 1
-    args = argparse.Namespace(batch=batch, image_size=image_size, features=features, threads=threads)
+    args = argparse.Namespace(
+        batch=batch, image_size=image_size, features=features, threads=threads
+    )
     parsed = [parse_variant(s) for s in variants]
     workers = []
     try:
@@ -442,7 +481,7 @@ def run_benchmark(variants: list[str], batch: int, image_size: int, features: in
         losses: dict[str, list[float]] = {v.name: [] for v in parsed}
         for r in range(reps):
             # Rotate the starting variant so no variant always runs right after another one.
-            order = workers[r % len(workers):] + workers[:r % len(workers)]
+            order = workers[r % len(workers) :] + workers[: r % len(workers)]
             for v, proc, _ in order:
                 proc.stdin.write("step\n")
                 proc.stdin.flush()
@@ -460,10 +499,19 @@ def run_benchmark(variants: list[str], batch: int, image_size: int, features: in
     for v, _, info in workers:
         t = times[v.name]
         med = statistics.median(t)
-        results.append({"variant": v.name, "compile_s": info["compile_s"], "times_ms": t,
-                        "median_ms": med, "min_ms": min(t), "max_ms": max(t),
-                        "examples_per_s": batch / med * 1e3, "losses": losses[v.name],
-                        "xla_flags": v.xla_flags})
+        results.append(
+            {
+                "variant": v.name,
+                "compile_s": info["compile_s"],
+                "times_ms": t,
+                "median_ms": med,
+                "min_ms": min(t),
+                "max_ms": max(t),
+                "examples_per_s": batch / med * 1e3,
+                "losses": losses[v.name],
+                "xla_flags": v.xla_flags,
+            }
+        )
     ref = next((r for r, v in zip(results, parsed) if v.framework == "torch"), None)
     for r in results:
         r["ratio_to_torch"] = r["median_ms"] / ref["median_ms"] if ref else None
@@ -471,7 +519,10 @@ def run_benchmark(variants: list[str], batch: int, image_size: int, features: in
         # less sensitive to the shared machine's load drifting during the run than the ratio of
         # medians.
         r["paired_ratio_to_torch"] = (
-            statistics.median(a / b for a, b in zip(r["times_ms"], ref["times_ms"])) if ref else None)
+            statistics.median(a / b for a, b in zip(r["times_ms"], ref["times_ms"]))
+            if ref
+            else None
+        )
     return results
 
 
@@ -481,13 +532,17 @@ def format_table(results: list[dict]) -> str:
     ``x PyTorch`` is the ratio of medians; ``paired`` the median of per-rep ratios (see
     :func:`run_benchmark`). Below 1 means faster than PyTorch.
     """
-    lines = ["| variant | median ms/step | min-max ms | examples/s | x PyTorch | paired | compile s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | median ms/step | min-max ms | examples/s | x PyTorch | paired | compile s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
         ratio = f"{r['ratio_to_torch']:.2f}" if r.get("ratio_to_torch") else "-"
         paired = f"{r['paired_ratio_to_torch']:.2f}" if r.get("paired_ratio_to_torch") else "-"
-        lines.append(f"| `{r['variant']}` | {r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f}"
-                     f" | {r['examples_per_s']:.1f} | {ratio} | {paired} | {r['compile_s']:.1f} |")
+        lines.append(
+            f"| `{r['variant']}` | {r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f}"
+            f" | {r['examples_per_s']:.1f} | {ratio} | {paired} | {r['compile_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -498,10 +553,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--features", type=int, default=32)
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch.set_num_threads (default: os.cpu_count())")
-    ap.add_argument("--variants", default="torch;jax",
-                    help="';'-separated variant strings (see module docstring)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: os.cpu_count())"
+    )
+    ap.add_argument(
+        "--variants",
+        default="torch;jax",
+        help="';'-separated variant strings (see module docstring)",
+    )
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -509,10 +568,13 @@ def main(argv: list[str] | None = None) -> None:
         _worker(args)
         return
     variants = [s for s in args.variants.split(";") if s.strip()]
-    print(f"batch {args.batch}, {args.image_size}x{args.image_size}, features {args.features}, "
-          f"{args.reps} reps, {args.threads or os.cpu_count()} threads")
-    results = run_benchmark(variants, args.batch, args.image_size, args.features, args.reps,
-                            args.threads)
+    print(
+        f"batch {args.batch}, {args.image_size}x{args.image_size}, features {args.features}, "
+        f"{args.reps} reps, {args.threads or os.cpu_count()} threads"
+    )
+    results = run_benchmark(
+        variants, args.batch, args.image_size, args.features, args.reps, args.threads
+    )
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 from experiments import configs as registry
-from unet_jax import report
+from unet_jax import rundir
+from unet_jax.compare import compare_runs
+from unet_jax.report import write_run_report
 
 
 def _registry_order(names: list[str]) -> tuple[str | None, list[str]]:
@@ -44,25 +46,26 @@ def regenerate(workdir: Path, title: str | None = None) -> list[Path]:
       FileNotFoundError: ``workdir`` is neither a run workdir nor a parent of any.
     """
     written: list[Path] = []
-    if report.is_run_dir(workdir):
-        run = report.load_run(workdir)
-        written.append(report.write_run_report(run))
+    if rundir.is_run_dir(workdir):
+        run = rundir.load_run(workdir)
+        written.append(write_run_report(run))
         for problem in run.problems:
             print(f"note: {problem}")
-    runs = report.find_runs(workdir)
+    runs = rundir.find_runs(workdir)
     if runs:
         experiment, order = _registry_order(list(runs))
         runs = {name: runs[name] for name in order}
         for name, run_dir in runs.items():
-            run = report.load_run(run_dir)
-            written.append(report.write_run_report(run))
+            run = rundir.load_run(run_dir)
+            written.append(write_run_report(run))
             for problem in run.problems:
                 print(f"note: {name}: {problem}")
-        written.append(report.compare_runs(workdir, runs, title or experiment or workdir.name))
+        written.append(compare_runs(workdir, runs, title or experiment or workdir.name))
     if not written:
         raise FileNotFoundError(
-            f"{workdir} holds no run: expected {', '.join(report.RUN_FILES)} in it or in its "
-            "sub-folders")
+            f"{workdir} holds no run: expected {', '.join(rundir.RUN_FILES)} in it or in its "
+            "sub-folders"
+        )
     return written
 
 
@@ -70,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, type=Path, help="run or parent workdir")
-    parser.add_argument("--title", default=None, help="title of a comparison (default: the "
-                        "experiment name or folder name)")
+    parser.add_argument(
+        "--title",
+        default=None,
+        help="title of a comparison (default: the experiment name or folder name)",
+    )
     args = parser.parse_args(argv)
     try:
         written = regenerate(args.workdir, args.title)

@@ -13,6 +13,7 @@ config on an existing workdir is refused unless ``--restart`` is given. Multi-ru
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -21,20 +22,43 @@ from unet_jax.config import Config, field_names, override
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--exp", default="smoke",
-                        help=f"experiment name: {', '.join(configs.EXPERIMENTS)} (default: smoke)")
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--exp",
+        default="smoke",
+        help=f"experiment name: {', '.join(configs.EXPERIMENTS)} (default: smoke)",
+    )
     parser.add_argument("--workdir", help="output directory (default: runs/<exp>)")
     parser.add_argument("--data_dir", help="TFDS data directory (built data set)")
-    parser.add_argument("--manual_dir", help="where the Kaggle download is (zip or kaggle_3m folder)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable), e.g. --set epochs=3")
-    parser.add_argument("--only", action="append", default=[], metavar="RUN",
-                        help="multi-run experiments: run only these sub-runs (repeatable)")
-    parser.add_argument("--restart", action="store_true",
-                        help="delete an existing run in the workdir instead of resuming it")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host runs)")
+    parser.add_argument(
+        "--manual_dir", help="where the Kaggle download is (zip or kaggle_3m folder)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable), e.g. --set epochs=3",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="multi-run experiments: run only these sub-runs (repeatable)",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete an existing run in the workdir instead of resuming it",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host runs)",
+    )
     return parser.parse_args(argv)
 
 
@@ -43,7 +67,9 @@ def resolve(name: str, args: argparse.Namespace) -> dict[str, Config]:
     changes: dict[str, str] = {}
     for item in args.set:
         if "=" not in item:
-            raise ValueError(f"--set needs KEY=VALUE, got {item!r}; valid keys: {', '.join(field_names())}")
+            raise ValueError(
+                f"--set needs KEY=VALUE, got {item!r}; valid keys: {', '.join(field_names())}"
+            )
         key, value = item.split("=", 1)
         changes[key.strip()] = value.strip()
     if args.data_dir:
@@ -59,6 +85,20 @@ def resolve(name: str, args: argparse.Namespace) -> dict[str, Config]:
     return {k: override(c, changes) for k, c in runs.items()}
 
 
+def _write_report(config: Config, workdir: Path) -> None:
+    """Write a finished run's report (``config.write_report``; process 0 only)."""
+    import jax
+
+    if not config.write_report or jax.process_index() != 0:
+        return
+    try:
+        from unet_jax.report import write_report
+
+        write_report(workdir)
+    except Exception as e:  # a figure must not lose a finished run
+        print(f"warning: report not written: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -68,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.distributed:
         import jax
+
         jax.distributed.initialize()
 
+    from experiments.data import load_run_data
     from unet_jax.data import DataNotFoundError
     from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_and_evaluate
 
@@ -81,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dirs[run_name] = workdir
         print(f"=== {args.exp}{'/' + run_name if multi else ''} -> {workdir}\n{config.to_json()}")
         try:
-            train_and_evaluate(config, workdir, restart=args.restart)
+            # Built (if needed) and read once train_and_evaluate has prepared the workdir.
+            data = functools.partial(load_run_data, config, workdir)
+            train_and_evaluate(config, workdir, restart=args.restart, data=data)
+            _write_report(config, workdir)
         except DataNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -91,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     if multi:
-        from unet_jax.report import compare_runs
+        from unet_jax.compare import compare_runs
+
         out = compare_runs(root, run_dirs, title=args.exp)
         print(f"comparison: {out}")
     return 0

@@ -9,12 +9,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _synth import blob_split  # noqa: E402
 from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh  # noqa: E402
+from unet_jax.synthetic import blob_split  # noqa: E402
 
 
 def batches(sampling: str, steps=(0, 1, 5)) -> dict:
-    data = ResidentData(blob_split(3, 6, 32, 0), make_mesh(), 8, sampling, AugmentSpec(0.1, 20, 0.5))
+    data = ResidentData(
+        blob_split(3, 6, 32, 0), make_mesh(), 8, sampling, AugmentSpec(0.1, 20, 0.5)
+    )
     fn = jax.jit(data.train_batch)
     key = jax.random.key(7)
     out = {}

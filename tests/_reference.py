@@ -29,9 +29,10 @@ def read_volume(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images, masks) of a patient folder: ``<folder name>_<k>.<ext>`` stacked in numeric order
     of k, each with its mask ``<folder name>_<k>_mask.<ext>`` (any image extension)."""
     name = folder.name
-    numbered = [p for p in folder.glob(f"{name}_*")
-                if p.stem[len(name) + 1:].isdigit()]  # not the masks ("<k>_mask")
-    numbered.sort(key=lambda p: int(p.stem[len(name) + 1:]))
+    numbered = [
+        p for p in folder.glob(f"{name}_*") if p.stem[len(name) + 1 :].isdigit()
+    ]  # not the masks ("<k>_mask")
+    numbered.sort(key=lambda p: int(p.stem[len(name) + 1 :]))
     images = np.stack([read_image(p) for p in numbered])
     masks = np.stack([read_image(p.with_name(f"{p.stem}_mask{p.suffix}")) for p in numbered])
     return images, masks
@@ -61,8 +62,9 @@ def skimage_baseline(images: np.ndarray, masks: np.ndarray, size: int = 256):
         m = np.pad(m, padding, mode="constant", constant_values=0)
         v = np.pad(v, padding + ((0, 0),), mode="constant", constant_values=0)
     m = resize(m, (m.shape[0], size, size), order=0, mode="constant", cval=0, anti_aliasing=False)
-    v = resize(v, (v.shape[0], size, size, 3), order=2, mode="constant", cval=0,
-               anti_aliasing=False)
+    v = resize(
+        v, (v.shape[0], size, size, 3), order=2, mode="constant", cval=0, anti_aliasing=False
+    )
     p10, p99 = np.percentile(v, 10), np.percentile(v, 99)
     r = rescale_intensity(v, in_range=(p10, p99))
     z_range = (int(zs[0]) + 1, int(zs[-1]) + 2)  # +1: the dropped first slice

@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _synth import blob_train_val, tiny_config  # noqa: E402
-from unet_jax.checkpoint import load_model, model_to_pure  # noqa: E402
+from unet_jax.checkpoint import load_model  # noqa: E402
+from unet_jax.model import model_to_pure  # noqa: E402
 from unet_jax.train import train_and_evaluate  # noqa: E402
 
 CONFIG = tiny_config("worker", epochs=2, log_every_steps=1, seed=3)
@@ -25,7 +26,9 @@ CONFIG = tiny_config("worker", epochs=2, log_every_steps=1, seed=3)
 
 def main(argv):
     workdir, out = argv[0], argv[1]
-    kill_after = int(argv[argv.index("--kill-after-epoch") + 1]) if "--kill-after-epoch" in argv else None
+    kill_after = (
+        int(argv[argv.index("--kill-after-epoch") + 1]) if "--kill-after-epoch" in argv else None
+    )
 
     def on_epoch_end(epoch, _):
         if kill_after is not None and epoch == kill_after:
@@ -36,8 +39,11 @@ def main(argv):
     model, _, _ = load_model(workdir, step=CONFIG.epochs * 4)
     flat = jax.tree_util.tree_flatten_with_path(model_to_pure(model))[0]
     arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
-    losses = [json.loads(ln)["loss"] for ln in Path(workdir, "metrics.jsonl").read_text().splitlines()
-              if json.loads(ln)["type"] == "train"]
+    losses = [
+        json.loads(ln)["loss"]
+        for ln in Path(workdir, "metrics.jsonl").read_text().splitlines()
+        if json.loads(ln)["type"] == "train"
+    ]
     np.savez(out, losses=np.array(losses), devices=jax.device_count(), **arrays)
 
 

@@ -45,7 +45,9 @@ def require_real_data() -> Path:
     """The real data's folder, or skip the calling test with a clear message."""
     path = real_data_path()
     if path is None:
-        pytest.skip(f"real LGG data not found at {SHARED_LGG} (only on the project's machines and CI)")
+        pytest.skip(
+            f"real LGG data not found at {SHARED_LGG} (only on the project's machines and CI)"
+        )
     return path
 
 
@@ -61,7 +63,8 @@ def real_manual_dir(shared_lgg: Path, tmp_path_factory: pytest.TempPathFactory) 
     dest = tmp_path_factory.mktemp("lgg_real_manual")
     subprocess.run(
         [sys.executable, str(shared_lgg / "restore.py"), str(dest)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     return dest
 
@@ -90,9 +93,13 @@ def synthetic_manual_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def synthetic_tfds_dir(synthetic_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synthetic_tfds_dir(
+    synthetic_manual_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """TFDS data dir with both configs of the synthetic data set built (in-process)."""
-    return _build_both_configs(synthetic_manual_dir, tmp_path_factory.mktemp("lgg_synthetic_tfds"), 0)
+    return _build_both_configs(
+        synthetic_manual_dir, tmp_path_factory.mktemp("lgg_synthetic_tfds"), 0
+    )
 
 
 @pytest.fixture(scope="session")

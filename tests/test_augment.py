@@ -52,7 +52,11 @@ def skimage_reference(image: np.ndarray, mask: np.ndarray, s: float, angle: floa
     """The same augmentation with skimage.transform.warp (float64)."""
     fwd = skimage_forward(s, angle, flip, *image.shape[:2])
     img = warp(
-        image.astype(np.float64), fwd.inverse, order=1, mode="constant", cval=0,
+        image.astype(np.float64),
+        fwd.inverse,
+        order=1,
+        mode="constant",
+        cval=0,
         preserve_range=True,
     )
     msk = warp(mask, fwd.inverse, order=0, mode="constant", cval=0, preserve_range=True)
@@ -150,7 +154,12 @@ def test_sample_params_ranges_and_flip_rate():
 def test_masks_stay_binary_and_keep_dtype(mask_dtype):
     images, masks = random_batch(n=4)
     out_i, out_m = augment.augment_batch(
-        jax.random.key(3), jnp.asarray(images), jnp.asarray(masks.astype(mask_dtype)), 0.2, 45.0, 0.5
+        jax.random.key(3),
+        jnp.asarray(images),
+        jnp.asarray(masks.astype(mask_dtype)),
+        0.2,
+        45.0,
+        0.5,
     )
     assert out_i.shape == images.shape and out_i.dtype == jnp.float32
     assert out_m.shape == masks.shape and out_m.dtype == mask_dtype

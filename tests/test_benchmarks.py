@@ -1,6 +1,6 @@
 """The side-by-side benchmarks keep working: benchmarks/epoch_time.py, benchmarks/input_pipeline.py,
-benchmarks/full_epoch.py, benchmarks/conv_grad.py and their harness (benchmarks/harness.py), run for
-1-2 steps at tiny size on synthetic data.
+benchmarks/full_epoch.py, benchmarks/conv_grad.py and their shared modules (machine, flops, data,
+runners, workers, cli), run for 1-2 steps at tiny size on synthetic data.
 
 Sizes: images stored at 64 and resized on the fly to 32 (so the resize paths run too), U-Net
 features 4, batch 4. XLA:CPU compiles the threefry PRNG slowly (the U-Net's ~50 parameter
@@ -19,8 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import conv_grad, epoch_time, full_epoch, harness, input_pipeline
+from benchmarks import conv_grad, epoch_time, full_epoch, input_pipeline
+from benchmarks.data import load_data, load_saved_split, save_split
+from benchmarks.flops import peak_tflops, training_flops_per_example, unet_forward_flops
+from benchmarks.machine import fmt_summary, summarize
+from benchmarks.runners import ResizePair, baseline_volumes
 from benchmarks.torch_baseline.unet import UNet as TorchUNet
+from unet_jax.synthetic import disc_split
 
 TINY_DATA = ["--synthetic", "4,12,64", "--image-size", "32"]
 
@@ -45,7 +50,7 @@ def fast_prng():
         jax.config.update("jax_default_prng_impl", old)
 
 
-# ----------------------------------------------------------------------------- harness pieces
+# ----------------------------------------------------------------------------- shared pieces
 
 
 def _torch_hook_flops(features: int, size: int) -> int:
@@ -70,45 +75,45 @@ def _torch_hook_flops(features: int, size: int) -> int:
 
 @pytest.mark.parametrize("features,size", [(4, 32), (8, 64), (32, 256)])
 def test_forward_flops_match_an_independent_count(features, size):
-    assert harness.unet_forward_flops(features, size) == _torch_hook_flops(features, size)
+    assert unet_forward_flops(features, size) == _torch_hook_flops(features, size)
 
 
 def test_training_flops_of_the_baseline_model():
-    # REFERENCE.md: about 24 GFLOP forward and 73 GFLOP per training image at 256x256, 32 features.
-    assert 23.5e9 < harness.unet_forward_flops(32, 256) < 24.5e9
-    assert harness.training_flops_per_example(32, 256) == 3 * harness.unet_forward_flops(32, 256)
-    assert 72e9 < harness.training_flops_per_example(32, 256) < 74e9
-    assert harness.peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
-    assert harness.peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert harness.peak_tflops("cpu") is None
+    # The baseline's U-Net: about 24 GFLOP forward and 73 GFLOP per training image at 256x256, 32 features.
+    assert 23.5e9 < unet_forward_flops(32, 256) < 24.5e9
+    assert training_flops_per_example(32, 256) == 3 * unet_forward_flops(32, 256)
+    assert 72e9 < training_flops_per_example(32, 256) < 74e9
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("cpu") is None
 
 
 def test_summarize_and_format():
-    s = harness.summarize([3.0, 1.0, 2.0, 10.0])
+    s = summarize([3.0, 1.0, 2.0, 10.0])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.5, 1.0, 10.0, 4)
-    assert harness.fmt_summary(s) == "2.5 (1.0-10.0)"
-    assert harness.fmt_summary(None) == "-"
+    assert fmt_summary(s) == "2.5 (1.0-10.0)"
+    assert fmt_summary(None) == "-"
     with pytest.raises(ValueError):
-        harness.summarize([])
+        summarize([])
 
 
 def test_load_data_without_data_dir_is_synthetic_and_labelled(tmp_path):
-    split, label = harness.load_data(str(tmp_path / "absent"), synthetic=(3, 5, 32))
+    split, label = load_data(str(tmp_path / "absent"), synthetic=(3, 5, 32))
     assert label.startswith("SYNTHETIC") and "absent" in label
     assert split.images.shape == (15, 32, 32, 3) and split.images.dtype == np.uint8
     assert split.masks.max() == 1 and len(split.patients) == 3
-    sub, label = harness.load_data(None, patients=2, synthetic=(3, 5, 32))
+    sub, label = load_data(None, patients=2, synthetic=(3, 5, 32))
     assert sub.num_examples == 10 and "first 2 patients" in label
-    harness.save_split(split, tmp_path / "cache")
-    back = harness.load_saved_split(tmp_path / "cache")
+    save_split(split, tmp_path / "cache")
+    back = load_saved_split(tmp_path / "cache")
     for name in ("images", "masks", "volume", "slice_index", "mean", "std"):
         np.testing.assert_array_equal(getattr(back, name), getattr(split, name))
     assert back.patients == split.patients
 
 
 def test_baseline_volumes_are_the_normalised_slices():
-    split = harness.synthetic_split(3, 4, 16, seed=1)
-    vols = harness.baseline_volumes(split)
+    split = disc_split(3, 4, 16, seed=1)
+    vols = baseline_volumes(split)
     assert len(vols) == 3
     for v, (image, mask) in enumerate(vols):
         rows = split.volume_slices(v)
@@ -122,7 +127,7 @@ def test_resize_pair_keeps_masks_binary():
     image = rng.standard_normal((64, 64, 3)).astype(np.float32)
     mask = np.zeros((64, 64, 1), np.float32)
     mask[10:30, 20:50] = 1
-    x, y = harness.ResizePair(32)((image, mask))
+    x, y = ResizePair(32)((image, mask))
     assert x.shape == (32, 32, 3) and y.shape == (32, 32, 1)
     assert set(np.unique(y)) == {0.0, 1.0}
     assert y.sum() == pytest.approx(mask.sum() / 4, rel=0.1)
@@ -133,9 +138,24 @@ def test_resize_pair_keeps_masks_binary():
 
 def test_epoch_time_runs_all_variants(tmp_path, fast_prng):
     out = tmp_path / "epoch.json"
-    res = epoch_time.main([*TINY_DATA, "--inprocess", "--features", "4", "--batch", "4",
-                           "--steps", "1", "--reps", "2", "--tuned-workers", "0",
-                           "--out", str(out)])
+    res = epoch_time.main(
+        [
+            *TINY_DATA,
+            "--inprocess",
+            "--features",
+            "4",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--reps",
+            "2",
+            "--tuned-workers",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     rows = {r["variant"]: r for r in res["results"]}
     assert set(rows) == {"baseline", "torch_tuned", "unet_jax"}
     assert res["data"].startswith("SYNTHETIC") and "64->32" in res["resize"]
@@ -143,30 +163,45 @@ def test_epoch_time_runs_all_variants(tmp_path, fast_prng):
     for name, r in rows.items():
         for task in epoch_time.TASKS:
             _check_summary(r[task], 2)
-            assert r["ratio_unet_jax"][task] == pytest.approx(ref[task]["median"] / r[task]["median"])
+            assert r["ratio_unet_jax"][task] == pytest.approx(
+                ref[task]["median"] / r[task]["median"]
+            )
         # Projected epoch = the real split's 3,336 examples over the data-included rate.
         want = sorted(3336 / v for v in r["step_data"]["values"])
         assert sorted(r["epoch_s"]["values"]) == pytest.approx(want)
         assert r["ratio_unet_jax"]["epoch"] == pytest.approx(
-            r["epoch_s"]["median"] / ref["epoch_s"]["median"])
+            r["epoch_s"]["median"] / ref["epoch_s"]["median"]
+        )
         assert _finite_positive(float(r["peak_mem_mb"]))
         assert all(math.isfinite(x["loss"]) for x in res["raw"][name]["step_data"])
         assert f"| `{name}` |" in res["table"]
     assert all(v == pytest.approx(1.0) for v in ref["ratio_unet_jax"].values())
     flops = res["flops"]
-    assert flops["analytic_forward_per_example"] == harness.unet_forward_flops(4, 32)
+    assert flops["analytic_forward_per_example"] == unet_forward_flops(4, 32)
     # XLA's own count of the forward pass is within 20% of the analytic one (it skips the
     # zero-padding taps, which matter at 32x32, and adds the elementwise work).
     assert flops["xla_forward_per_example"] == pytest.approx(
-        flops["analytic_forward_per_example"], rel=0.2)
+        flops["analytic_forward_per_example"], rel=0.2
+    )
     saved = json.loads(out.read_text())
     assert saved["table"] == res["table"] and len(saved["results"]) == 3
 
 
 def test_epoch_time_rejects_too_little_data():
     with pytest.raises(SystemExit):
-        epoch_time.main(["--synthetic", "1,4,32", "--image-size", "32", "--batch", "4",
-                         "--steps", "2", "--inprocess"])
+        epoch_time.main(
+            [
+                "--synthetic",
+                "1,4,32",
+                "--image-size",
+                "32",
+                "--batch",
+                "4",
+                "--steps",
+                "2",
+                "--inprocess",
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------- full_epoch
@@ -174,8 +209,14 @@ def test_epoch_time_rejects_too_little_data():
 
 def test_full_epoch_summary_by_hand():
     # Epoch ends at 10, 12, 14.5, 20, 23.5 s after t0 = 0: walls 10, 2, 2.5, 5.5, 3.5.
-    res = full_epoch.summarise([10.0, 12.0, 14.5, 20.0, 23.5], 0.0, steps_per_epoch=100, batch=16,
-                               recipe_epochs=10, eval_every=2)
+    res = full_epoch.summarise(
+        [10.0, 12.0, 14.5, 20.0, 23.5],
+        0.0,
+        steps_per_epoch=100,
+        batch=16,
+        recipe_epochs=10,
+        eval_every=2,
+    )
     assert res["epoch_walls_s"] == pytest.approx([10, 2, 2.5, 5.5, 3.5])
     assert res["train_epoch_s"]["median"] == pytest.approx(2.25)  # epochs 2 and 3
     assert res["eval_and_checkpoint_s"] == pytest.approx(3.5 - 2.25)
@@ -183,15 +224,33 @@ def test_full_epoch_summary_by_hand():
     # 10 epochs: the first (10 s), 9 more at 2.25 s, 5 evaluations (every 2nd) at 1.25 s.
     assert res["recipe_projection_s"] == pytest.approx(10 + 9 * 2.25 + 5 * 1.25)
     with pytest.raises(ValueError):
-        full_epoch.summarise([1.0, 2.0, 3.0], 0.0, steps_per_epoch=1, batch=1, recipe_epochs=3,
-                             eval_every=1)
+        full_epoch.summarise(
+            [1.0, 2.0, 3.0], 0.0, steps_per_epoch=1, batch=1, recipe_epochs=3, eval_every=1
+        )
 
 
 def test_full_epoch_runs_the_training_loop(tmp_path, fast_prng):
     out = tmp_path / "full.json"
-    res = full_epoch.main(["--exp", "smoke", "--epochs", "4", "--synthetic", "2,2,8,32",
-                           "--set", "features=4", "--set", "batch_size=4", "--set", "image_size=32",
-                           "--workdir", str(tmp_path / "w"), "--out", str(out)])
+    res = full_epoch.main(
+        [
+            "--exp",
+            "smoke",
+            "--epochs",
+            "4",
+            "--synthetic",
+            "2,2,8,32",
+            "--set",
+            "features=4",
+            "--set",
+            "batch_size=4",
+            "--set",
+            "image_size=32",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--out",
+            str(out),
+        ]
+    )
     assert res["data"].startswith("SYNTHETIC") and res["steps_per_epoch"] == 16 // 4
     assert len(res["epoch_walls_s"]) == 4 and all(_finite_positive(w) for w in res["epoch_walls_s"])
     # Only the last two epochs evaluated, as documented.
@@ -219,7 +278,7 @@ def test_weight_grad_formulations_match_a_numpy_sum():
     want = np.zeros((3, 3, 3, 3))
     for i in range(3):
         for j in range(3):
-            want[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i:i + 6, j:j + 6], dy)
+            want[i, j] = np.einsum("nhwc,nhwd->cd", xp[:, i : i + 6, j : j + 6], dy)
     for name, fn in conv_grad.weight_grad_fns(x.shape).items():
         np.testing.assert_allclose(np.asarray(fn(x, dy)), want, rtol=1e-4, atol=1e-4, err_msg=name)
     _, torch_hwio = conv_grad.torch_weight_grad(x, dy)
@@ -230,17 +289,40 @@ def test_weight_grad_formulations_match_a_numpy_sum():
 
 def test_conv_grad_runs(tmp_path):
     out = tmp_path / "cg.json"
-    res = conv_grad.main(["--batch", "2", "--image-size", "16", "--features", "4", "--levels", "2",
-                          "--reps", "1", "--out", str(out)])
+    res = conv_grad.main(
+        [
+            "--batch",
+            "2",
+            "--image-size",
+            "16",
+            "--features",
+            "4",
+            "--levels",
+            "2",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     b = res["breakdown_ms"]
     for fw in ("jax", "torch"):
         assert all(_finite_positive(b[fw][k]) for k in ("forward", "input grads", "param grads"))
         assert b[fw]["weight grads (param - input)"] == pytest.approx(
-            b[fw]["param grads"] - b[fw]["input grads"])
+            b[fw]["param grads"] - b[fw]["input grads"]
+        )
     assert [tuple(r["shape"]) for r in res["layers"]] == [(2, 16, 16, 4), (2, 8, 8, 8)]
     for r in res["layers"]:
-        assert set(r["ms"]) == {"xla", "shift9", "shift9_chunked", "im2col", "flat9",
-                              "cnhw_shift9", "openblas_flat9", "torch"}
+        assert set(r["ms"]) == {
+            "xla",
+            "shift9",
+            "shift9_chunked",
+            "im2col",
+            "flat9",
+            "cnhw_shift9",
+            "openblas_flat9",
+            "torch",
+        }
         assert max(r["max_rel_err"].values()) < 1e-4
     assert "| (2, 16, 16, 4) |" in res["table"]
     assert json.loads(out.read_text())["table"] == res["table"]
@@ -252,30 +334,53 @@ def test_conv_grad_runs(tmp_path):
 def test_input_pipeline_in_worker_processes(tmp_path):
     # Worker processes, as in a measured run: forked DataLoader workers (0 and 2) included.
     out = tmp_path / "ip.json"
-    res = input_pipeline.main([*TINY_DATA, "--batch-sizes", "4", "--workers", "0,2",
-                               "--steps", "2", "--baseline-steps", "2", "--reps", "2",
-                               "--out", str(out)])
+    res = input_pipeline.main(
+        [
+            *TINY_DATA,
+            "--batch-sizes",
+            "4",
+            "--workers",
+            "0,2",
+            "--steps",
+            "2",
+            "--baseline-steps",
+            "2",
+            "--reps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     rows = res["results"]
     assert [(r["pipeline"], r["workers"]) for r in rows] == [
-        ("unet_jax", None), ("baseline", 0), ("baseline", 2)]
+        ("unet_jax", None),
+        ("baseline", 0),
+        ("baseline", 2),
+    ]
     for r in rows:
         _check_summary(r["examples_per_s"], 2)
     assert {s["baseline_workers"] for s in res["speedups"]} == {0, 2}
     for s in res["speedups"]:
         base = next(r for r in rows if r["workers"] == s["baseline_workers"])
-        assert s["speedup"] == pytest.approx(rows[0]["examples_per_s"]["median"]
-                                             / base["examples_per_s"]["median"])
+        assert s["speedup"] == pytest.approx(
+            rows[0]["examples_per_s"]["median"] / base["examples_per_s"]["median"]
+        )
     assert res["goal"].startswith("goal (>= 20x")
     assert res["infos"]["unet_jax"]["process"] == "subprocess"
     assert json.loads(out.read_text())["table"] == res["table"]
 
 
 def test_input_pipeline_analyse_by_hand():
-    tasks = [("unet_jax", {"batch": 16}), ("baseline", {"batch": 16, "workers": 0}),
-             ("baseline", {"batch": 16, "workers": 2})]
-    results = {0: [{"examples_per_s": 900.0}, {"examples_per_s": 1100.0}],
-               1: [{"examples_per_s": 25.0, "startup_s": 1.0}] * 2,
-               2: [{"examples_per_s": 50.0, "startup_s": 1.0}] * 2}
+    tasks = [
+        ("unet_jax", {"batch": 16}),
+        ("baseline", {"batch": 16, "workers": 0}),
+        ("baseline", {"batch": 16, "workers": 2}),
+    ]
+    results = {
+        0: [{"examples_per_s": 900.0}, {"examples_per_s": 1100.0}],
+        1: [{"examples_per_s": 25.0, "startup_s": 1.0}] * 2,
+        2: [{"examples_per_s": 50.0, "startup_s": 1.0}] * 2,
+    }
     rows, speedups = input_pipeline.analyse(tasks, results)
     assert rows[0]["examples_per_s"]["median"] == 1000.0
     assert [(s["baseline_workers"], s["speedup"]) for s in speedups] == [(0, 40.0), (2, 20.0)]

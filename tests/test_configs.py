@@ -12,9 +12,20 @@ from unet_jax.config import Config
 # The values every experiment fixes explicitly, written out by hand from the report (Table 1)
 # and the baseline's defaults, not derived from the modules under test.
 RUN1 = {
-    "batch_size": 16, "epochs": 7, "learning_rate": 3e-4, "weight_decay": 0.0, "image_size": 256,
-    "aug_scale": 0.05, "aug_angle": 15.0, "aug_flip": 0.5, "loss": "dice", "sampling": "weighted",
-    "dataset_config": "baseline", "source": "lgg", "split": "holdout", "schedule": "constant",
+    "batch_size": 16,
+    "epochs": 7,
+    "learning_rate": 3e-4,
+    "weight_decay": 0.0,
+    "image_size": 256,
+    "aug_scale": 0.05,
+    "aug_angle": 15.0,
+    "aug_flip": 0.5,
+    "loss": "dice",
+    "sampling": "weighted",
+    "dataset_config": "baseline",
+    "source": "lgg",
+    "split": "holdout",
+    "schedule": "constant",
     "features": 32,
 }
 RUN2 = {**RUN1, "batch_size": 32, "epochs": 10, "learning_rate": 1e-3, "weight_decay": 1e-4}
@@ -22,8 +33,11 @@ BASELINE = {**RUN1, "epochs": 100, "learning_rate": 1e-4}
 
 
 def _differences(a: Config, b: Config, ignore: tuple[str, ...] = ("name",)) -> dict[str, tuple]:
-    return {f.name: (getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(Config)
-            if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)}
+    return {
+        f.name: (getattr(a, f.name), getattr(b, f.name))
+        for f in dataclasses.fields(Config)
+        if f.name not in ignore and getattr(a, f.name) != getattr(b, f.name)
+    }
 
 
 @pytest.mark.parametrize("name, expected", [("run1", RUN1), ("run2", RUN2), ("baseline", BASELINE)])
@@ -58,8 +72,12 @@ def test_ablation_changes_one_field_at_a_time():
     runs = configs.get_configs("ablation")
     assert list(runs) == ["run1", "batch32", "lr1e-3", "wd1e-4", "epochs10"]
     assert _differences(runs["run1"], run1) == {}
-    expected = {"batch32": ("batch_size", 32), "lr1e-3": ("learning_rate", 1e-3),
-                "wd1e-4": ("weight_decay", 1e-4), "epochs10": ("epochs", 10)}
+    expected = {
+        "batch32": ("batch_size", 32),
+        "lr1e-3": ("learning_rate", 1e-3),
+        "wd1e-4": ("weight_decay", 1e-4),
+        "epochs10": ("epochs", 10),
+    }
     run2 = configs.get_config("run2")
     for name, (field, value) in expected.items():
         diff = _differences(runs[name], run1)
@@ -79,7 +97,7 @@ def test_cv5_folds():
         assert (config.batch_size, config.learning_rate, config.weight_decay) == (16, 1e-4, 0.0)
         assert config.sampling == "weighted" and config.loss == "dice"
     fold0 = runs["fold0"]
-    for name, config in runs.items():
+    for config in runs.values():
         assert set(_differences(config, fold0)) <= {"fold"}
 
 

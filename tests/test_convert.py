@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="the `baseline` extra (torch) is needed for parity tests")
+torch = pytest.importorskip(
+    "torch", reason="the `baseline` extra (torch) is needed for parity tests"
+)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -56,8 +58,12 @@ def test_training_mode_parity_and_running_stat_updates(inputs):
     for name in ("encoder1", "bottleneck", "decoder1"):
         tnorm = getattr(tm, name)[1]
         jnorm = getattr(model, name).norm1
-        np.testing.assert_allclose(np.asarray(jnorm.running_mean[...]), tnorm.running_mean.numpy(), atol=1e-5)
-        np.testing.assert_allclose(np.asarray(jnorm.running_var[...]), tnorm.running_var.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(jnorm.running_mean[...]), tnorm.running_mean.numpy(), atol=1e-5
+        )
+        np.testing.assert_allclose(
+            np.asarray(jnorm.running_var[...]), tnorm.running_var.numpy(), rtol=1e-5
+        )
 
 
 def test_pt_file_through_cli_and_orbax(torch_model, inputs, tmp_path):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from _reference import largest_component, np_dsc
-from _synth import blob_split
 from unet_jax import evaluate
 from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
+from unet_jax.synthetic import blob_split
 
 
 def test_per_volume_dsc_equals_numpy():
@@ -34,7 +34,9 @@ def test_predict_split_is_exact_whatever_the_batch_size(batch):
     data = ResidentData(split, make_mesh(), batch, "shuffle", AugmentSpec(0, 0, 0))
     step = evaluate.make_predict_step(lambda _, x: x[..., 1:2] - 1.0, data)
     out = evaluate.predict_split(step, None, data)
-    x = (split.images / 255.0 - split.mean[split.volume][:, None, None]) / split.std[split.volume][:, None, None]
+    x = (split.images / 255.0 - split.mean[split.volume][:, None, None]) / split.std[split.volume][
+        :, None, None
+    ]
     ref_pred = x[..., 1] - 1.0 >= 0
     np.testing.assert_array_equal(out["pred"], ref_pred)
     p = 1 / (1 + np.exp(-(x[..., 1] - 1.0)))

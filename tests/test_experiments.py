@@ -18,8 +18,15 @@ def test_smoke_runs_end_to_end_and_writes_a_sane_report(smoke_workdir):
     report = wd / "report" / "report.md"
     text = report.read_text()
     links = re.findall(r"\]\(([^)]+\.(?:png|gif|csv))\)", text)
-    assert {"train_loss.png", "validation.png", "per_patient_dsc.png", "per_patient_accuracy.png",
-            "overlay_best.png", "overlay_worst.png", "volume.gif"} <= set(links)
+    assert {
+        "train_loss.png",
+        "validation.png",
+        "per_patient_dsc.png",
+        "per_patient_accuracy.png",
+        "overlay_best.png",
+        "overlay_worst.png",
+        "volume.gif",
+    } <= set(links)
     for link in links:
         path = report.parent / link
         assert path.is_file(), link
@@ -36,8 +43,15 @@ def test_smoke_runs_end_to_end_and_writes_a_sane_report(smoke_workdir):
     dsc = np.array([float(r["dsc_lcc"]) for r in rows])
     assert ((0 <= dsc) & (dsc <= 1)).all()
     # Beats the trivial all-background predictor, scored the same way (per volume, mean).
-    trivial = np.mean([metrics.dsc(np.zeros_like(pred["truth"][pred["patient"] == p]),
-                                   pred["truth"][pred["patient"] == p]) for p in patients])
+    trivial = np.mean(
+        [
+            metrics.dsc(
+                np.zeros_like(pred["truth"][pred["patient"] == p]),
+                pred["truth"][pred["patient"] == p],
+            )
+            for p in patients
+        ]
+    )
     assert dsc.mean() > trivial + 0.3, (dsc.mean(), trivial)
     assert (wd / "config.json").is_file() and (wd / "checkpoints" / "best").is_dir()
 
@@ -52,8 +66,17 @@ def test_unknown_experiment_and_key_list_the_valid_ones(capsys):
 
 
 def test_real_data_experiment_without_data_gives_download_instructions(tmp_path, capsys):
-    code = main(["--exp=run1", "--workdir", str(tmp_path / "wd"), "--data_dir", str(tmp_path / "tfds"),
-                 "--manual_dir", str(tmp_path / "nothing")])
+    code = main(
+        [
+            "--exp=run1",
+            "--workdir",
+            str(tmp_path / "wd"),
+            "--data_dir",
+            str(tmp_path / "tfds"),
+            "--manual_dir",
+            str(tmp_path / "nothing"),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "kaggle" in err.lower() and "Traceback" not in err and "--manual_dir" in err

@@ -12,10 +12,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from _synth import blob_split
-from unet_jax.input_pipeline import (AugmentSpec, ResidentData, SamplerSpec, SplitData,
-                                     StreamingData, concat, fits_on_device, make_mesh,
-                                     sample_indices, select_patients, slice_probabilities)
+from unet_jax.input_pipeline import (
+    AugmentSpec,
+    ResidentData,
+    SamplerSpec,
+    SplitData,
+    StreamingData,
+    concat,
+    fits_on_device,
+    make_mesh,
+    sample_indices,
+    select_patients,
+    slice_probabilities,
+)
+from unet_jax.synthetic import blob_split
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,8 +67,12 @@ def test_shuffled_epoch_visits_each_slice_once():
     spec = SamplerSpec(23, 5, "shuffle")
     key = jax.random.key(1)
     for epoch in range(2):
-        idx = np.concatenate([np.asarray(sample_indices(spec, key, jnp.asarray(epoch * 4 + s), None))
-                              for s in range(spec.steps_per_epoch)])
+        idx = np.concatenate(
+            [
+                np.asarray(sample_indices(spec, key, jnp.asarray(epoch * 4 + s), None))
+                for s in range(spec.steps_per_epoch)
+            ]
+        )
         assert idx.size == 20 and len(set(idx.tolist())) == 20  # drop-last: 3 left out
     e0 = np.asarray(sample_indices(spec, key, jnp.asarray(0), None))
     e1 = np.asarray(sample_indices(spec, key, jnp.asarray(4), None))
@@ -70,8 +84,13 @@ def test_same_seed_same_batches_on_one_and_eight_devices(tmp_path):
     outs = {}
     for n in (1, 8):
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
-        r = subprocess.run([sys.executable, str(HERE / "_pipeline_worker.py"), str(tmp_path / f"{n}.npz")],
-                           env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [sys.executable, str(HERE / "_pipeline_worker.py"), str(tmp_path / f"{n}.npz")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         outs[n] = np.load(tmp_path / f"{n}.npz")
     assert int(outs[1]["devices"]) == 1 and int(outs[8]["devices"]) == 8
@@ -95,11 +114,13 @@ def test_normalisation_and_padded_evaluation_cover_each_slice_once():
         x, y, v = rd.eval_batch(b)
         xs.append(np.asarray(x))
         valid.append(np.asarray(v))
-        np.testing.assert_array_equal(np.asarray(y)[np.asarray(v)], data.masks[b * 4:(b + 1) * 4])
+        np.testing.assert_array_equal(np.asarray(y)[np.asarray(v)], data.masks[b * 4 : (b + 1) * 4])
     valid = np.concatenate(valid)
     assert valid.sum() == 14 and valid[:14].all() and not valid[14:].any()
     x = np.concatenate(xs)[valid]
-    ref = (data.images / 255.0 - data.mean[data.volume][:, None, None, :]) / data.std[data.volume][:, None, None, :]
+    ref = (data.images / 255.0 - data.mean[data.volume][:, None, None, :]) / data.std[data.volume][
+        :, None, None, :
+    ]
     np.testing.assert_allclose(x, ref, atol=1e-5)
 
 
@@ -117,9 +138,15 @@ def test_resident_and_streaming_give_identical_batches():
     data = blob_split(3, 6, 32)
     aug = AugmentSpec(0.05, 15, 0.5)
     mesh = make_mesh()
-    records = [{"image": data.images[i], "mask": data.masks[i],
-                "channel_mean": data.mean[data.volume[i]], "channel_std": data.std[data.volume[i]]}
-               for i in range(data.num_examples)]
+    records = [
+        {
+            "image": data.images[i],
+            "mask": data.masks[i],
+            "channel_mean": data.mean[data.volume[i]],
+            "channel_std": data.std[data.volume[i]],
+        }
+        for i in range(data.num_examples)
+    ]
     resident = ResidentData(data, mesh, 8, "weighted", aug)
     streaming = StreamingData(records, data, mesh, 8, "weighted", aug, num_threads=4)
     key = jax.random.key(3)

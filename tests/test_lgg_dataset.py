@@ -112,11 +112,15 @@ def test_zip_unpacked_archive_and_bare_folder_give_identical_datasets(
         for config in configs:
             build(manual, tmp_path / f"tfds{i}", config, num_workers=0)
             for split in ("train", "validation"):
-                assert_same_examples(all_examples(tmp_path / f"tfds{i}", config, split),
-                                     all_examples(synthetic_tfds_dir, config, split))
+                assert_same_examples(
+                    all_examples(tmp_path / f"tfds{i}", config, split),
+                    all_examples(synthetic_tfds_dir, config, split),
+                )
     # The unpacked archive holds every slice twice: each is counted once.
     n_files = len(list((synthetic_manual_dir / "kaggle_3m").rglob("*_mask.tif")))
-    n_examples = sum(len(all_examples(synthetic_tfds_dir, "raw", s)) for s in ("train", "validation"))
+    n_examples = sum(
+        len(all_examples(synthetic_tfds_dir, "raw", s)) for s in ("train", "validation")
+    )
     assert n_examples == n_files > 0
 
 
@@ -165,8 +169,9 @@ def test_features_and_order(synthetic_tfds_dir, synthetic_manual_dir):
             assert ex["channel_mean"].dtype == np.float32 and ex["channel_std"].shape == (3,)
             n = ex["slice_index"]
             np.testing.assert_array_equal(ex["image"], read_image(root / pid / f"{pid}_{n}.tif"))
-            np.testing.assert_array_equal(ex["mask"][..., 0],
-                                          read_image(root / pid / f"{pid}_{n}_mask.tif") // 255)
+            np.testing.assert_array_equal(
+                ex["mask"][..., 0], read_image(root / pid / f"{pid}_{n}_mask.tif") // 255
+            )
             assert ex["num_slices"] == len(list((root / pid).glob("*_mask.tif")))
             fields = table[pid.rsplit("_", 1)[0]]
             assert {f: ex[f] for f in lgg.CSV_FIELDS} == fields
@@ -189,8 +194,10 @@ def test_baseline_matches_skimage_reference_on_synthetic(synthetic_tfds_dir, syn
     root = synthetic_manual_dir / "kaggle_3m"
     examples = all_examples(synthetic_tfds_dir, "baseline", "train")
     # The patient with the fewest slices (skimage's 3D resize is slow).
-    n, pid = min((len(list((root / p).glob("*_mask.tif"))), p)
-                 for p in {ex["patient_id"].decode() for ex in examples})
+    n, pid = min(
+        (len(list((root / p).glob("*_mask.tif"))), p)
+        for p in {ex["patient_id"].decode() for ex in examples}
+    )
     mine = [ex for ex in examples if ex["patient_id"] == pid.encode()]
     images, masks = read_volume(root / pid)
     r, m, (z_start, _), _ = skimage_baseline(images, masks)
@@ -317,7 +324,9 @@ def test_patient_missing_from_data_csv_warns_and_stores_missing(manual, tmp_path
     csv_path.write_text("".join(line for line in lines if not line.startswith(key + ",")))
     with pytest.warns(LGGDataWarning, match=f"{folder.name}: no row '{key}'"):
         build(manual, tmp_path / "tfds", "raw", num_workers=0)
-    examples = [ex for s in ("train", "validation") for ex in all_examples(tmp_path / "tfds", "raw", s)]
+    examples = [
+        ex for s in ("train", "validation") for ex in all_examples(tmp_path / "tfds", "raw", s)
+    ]
     mine = [ex for ex in examples if ex["patient_id"] == folder.name.encode()]
     others = [ex for ex in examples if ex["patient_id"] != folder.name.encode()]
     assert mine and all(ex[f] == lgg.MISSING for ex in mine for f in lgg.CSV_FIELDS)
@@ -365,28 +374,61 @@ def test_differing_copies_are_refused(layouts, tmp_path):
 
 
 def _run(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=240, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.slow
-def test_command_line_with_worker_processes(tmp_path, synthetic_manual_dir, synthetic_tfds_dir,
-                                           manual):
-    out = _run(["-m", "datasets.lgg_mri_segmentation", "--manual_dir", str(synthetic_manual_dir),
-                "--data_dir", str(tmp_path / "d"), "--config", "all", "--num_workers", "2"], REPO)
+def test_command_line_with_worker_processes(
+    tmp_path, synthetic_manual_dir, synthetic_tfds_dir, manual
+):
+    out = _run(
+        [
+            "-m",
+            "datasets.lgg_mri_segmentation",
+            "--manual_dir",
+            str(synthetic_manual_dir),
+            "--data_dir",
+            str(tmp_path / "d"),
+            "--config",
+            "all",
+            "--num_workers",
+            "2",
+        ],
+        REPO,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{NAME}/baseline: train:" in out.stdout and f"{NAME}/raw: train:" in out.stdout
     # Same data as the in-process build.
     for config in ("raw", "baseline"):
         for split in ("train", "validation"):
-            assert_same_examples(all_examples(tmp_path / "d", config, split),
-                                 all_examples(synthetic_tfds_dir, config, split))
+            assert_same_examples(
+                all_examples(tmp_path / "d", config, split),
+                all_examples(synthetic_tfds_dir, config, split),
+            )
     # An error raised in a worker process reaches the user with the file name.
     folder = first_patient(manual)
     bad = folder / f"{folder.name}_4.tif"
     bad.write_bytes(bad.read_bytes()[:1000])
-    out = _run(["-m", "datasets.lgg_mri_segmentation", "--manual_dir", str(manual),
-                "--data_dir", str(tmp_path / "e"), "--num_workers", "2"], REPO)
+    out = _run(
+        [
+            "-m",
+            "datasets.lgg_mri_segmentation",
+            "--manual_dir",
+            str(manual),
+            "--data_dir",
+            str(tmp_path / "e"),
+            "--num_workers",
+            "2",
+        ],
+        REPO,
+    )
     assert out.returncode == 2
     assert "cannot read the TIFF" in out.stderr and str(bad) in out.stderr
 
@@ -458,8 +500,9 @@ def test_real_raw_is_every_slice_as_downloaded(real_tfds_dir, real_manual_dir):
     for ex in examples["train"] + examples["validation"]:
         pid, n = ex["patient_id"].decode(), ex["slice_index"]
         np.testing.assert_array_equal(ex["image"], read_image(root / pid / f"{pid}_{n}.tif"))
-        np.testing.assert_array_equal(ex["mask"][..., 0] * 255,
-                                      read_image(root / pid / f"{pid}_{n}_mask.tif"))
+        np.testing.assert_array_equal(
+            ex["mask"][..., 0] * 255, read_image(root / pid / f"{pid}_{n}_mask.tif")
+        )
     # data.csv fields, read independently.
     with open(root / "data.csv", newline="") as f:
         rows = {r.pop("Patient"): r for r in csv.DictReader(f)}
@@ -473,7 +516,8 @@ def test_real_raw_is_every_slice_as_downloaded(real_tfds_dir, real_manual_dir):
 def test_real_baseline_counts_and_holdout(real_tfds_dir, real_manual_dir):
     folders = sorted(p.name for p in (real_manual_dir / "kaggle_3m").iterdir() if p.is_dir())
     builder = tfds.builder(f"{NAME}/baseline", data_dir=str(real_tfds_dir))
-    # From ../shared/REFERENCE.md: "Run on the real data this keeps 3,336 training and 332 validation slices".
+    # The baseline's preprocessing, run on the real data, keeps "3,336 training and 332
+    # validation slices".
     assert builder.info.splits["train"].num_examples == 3336
     assert builder.info.splits["validation"].num_examples == 332
     index = builder.info.metadata["patients"]
@@ -495,7 +539,7 @@ def test_real_baseline_matches_skimage_on_three_patients(real_tfds_dir, real_man
         for pid, start, count in builder.info.metadata["patients"][split]:
             n = len(list((root / pid).glob("*_mask.tif")))
             candidates.append((n, pid, split, start, count))
-    for n, pid, split, start, count in sorted(candidates)[:3]:
+    for _n, pid, split, start, count in sorted(candidates)[:3]:
         source = tfds.data_source(f"{NAME}/baseline", data_dir=str(real_tfds_dir), split=split)
         mine = [source[i] for i in range(start, start + count)]
         images, masks = read_volume(root / pid)
@@ -510,5 +554,7 @@ def test_real_baseline_matches_skimage_on_three_patients(real_tfds_dir, real_man
         np.testing.assert_allclose(mine[0]["channel_std"], r.std(axis=(0, 1, 2)), rtol=1e-5)
         # The input the network sees: within the quantisation bound of the exact standardisation.
         exact = (r - r.mean(axis=(0, 1, 2))) / r.std(axis=(0, 1, 2))
-        stored = (np.stack([ex["image"] for ex in mine]) / 255.0 - mine[0]["channel_mean"]) / mine[0]["channel_std"]
+        stored = (np.stack([ex["image"] for ex in mine]) / 255.0 - mine[0]["channel_mean"]) / mine[
+            0
+        ]["channel_std"]
         assert np.abs(stored - exact).max() <= 1.0 / 255 / r.std(axis=(0, 1, 2)).min()

@@ -43,7 +43,9 @@ def test_dice_loss_hand_checked_cases():
     wrong = np.where(y > 0, -big, big)
     assert float(dice_loss(jnp.asarray(wrong), jnp.asarray(y))) == pytest.approx(0.8, abs=1e-6)
     # empty truth and empty prediction: smooth makes it 0, not NaN
-    assert float(dice_loss(jnp.full((1, 2, 2, 1), -big), jnp.zeros((1, 2, 2, 1)))) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(jnp.full((1, 2, 2, 1), -big), jnp.zeros((1, 2, 2, 1)))) == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_zero_weights_drop_padding_examples(batch):

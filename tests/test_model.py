@@ -21,6 +21,7 @@ def test_parameter_count_formula_for_other_widths():
     def expected(cin, f):
         def block(a, b):
             return 9 * a * b + 9 * b * b + 4 * b
+
         enc = block(cin, f) + block(f, 2 * f) + block(2 * f, 4 * f) + block(4 * f, 8 * f)
         bott = block(8 * f, 16 * f)
         up = sum(4 * (2 * c) * c + c for c in (8 * f, 4 * f, 2 * f, f))
@@ -113,6 +114,7 @@ def test_jitted_training_step_decreases_dice_loss_on_fixed_batch():
             m = nnx.merge(graphdef, p, rest, copy=True)
             loss = dice_loss(m(x), y)
             return loss, nnx.state(m, nnx.BatchStat)
+
         (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_rest, opt_state, loss

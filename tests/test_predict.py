@@ -63,8 +63,12 @@ def _write_png16_rgb(path: Path, rgb: np.ndarray) -> None:
         crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
         return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -95,7 +99,7 @@ def _gap_cut(logits: np.ndarray) -> float:
     the widest gap between neighbouring values there (a cut among densely packed values, or
     inside a plateau of equal ones such as the background, would make the masks float ties)."""
     flat = np.sort(logits.ravel())
-    sub = flat[int(0.6 * flat.size): int(0.95 * flat.size)]
+    sub = flat[int(0.6 * flat.size) : int(0.95 * flat.size)]
     i = int(np.argmax(np.diff(sub)))
     return float(sub[i] + sub[i + 1]) / 2
 
@@ -137,9 +141,24 @@ def checkpoint(data, tmp_path_factory) -> Path:
 
 def _predict_all_inputs(checkpoint: Path, data: dict[str, Path], out: Path, *extra: str) -> Path:
     """The CLI on every input of ``data`` (batch 8) into ``out``, with ``extra`` options."""
-    assert main(["--checkpoint", str(checkpoint), "--input", str(data["root"]),
-                 str(data["nonsquare"]), str(data["lone"]), "--output", str(out),
-                 "--batch-size", "8", *extra]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(data["root"]),
+                str(data["nonsquare"]),
+                str(data["lone"]),
+                "--output",
+                str(out),
+                "--batch-size",
+                "8",
+                *extra,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -150,8 +169,9 @@ def run_lcc(checkpoint, data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def run_no_lcc(checkpoint, data, tmp_path_factory) -> Path:
-    return _predict_all_inputs(checkpoint, data, tmp_path_factory.mktemp("runs") / "nolcc",
-                               "--no-lcc")
+    return _predict_all_inputs(
+        checkpoint, data, tmp_path_factory.mktemp("runs") / "nolcc", "--no-lcc"
+    )
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -200,8 +220,10 @@ def test_dropped_slices_are_empty_and_masks_stay_in_the_crop(run_lcc, data):
     for folder in [p for p in data["root"].iterdir() if p.is_dir()] + [data["nonsquare"]]:
         name = folder.name
         images, _ = read_volume(folder)
-        slice_rows = sorted((r for r in rows if r["volume"] == name and r["level"] == "slice"),
-                            key=lambda r: int(r["slice"]))
+        slice_rows = sorted(
+            (r for r in rows if r["volume"] == name and r["level"] == "slice"),
+            key=lambda r: int(r["slice"]),
+        )
         stems = [Path(r["input"]).stem for r in slice_rows]
         pred = _stack(run_lcc, name, stems)
         assert [r["processed"] for r in slice_rows] == ["0"] + ["1"] * (len(stems) - 2) + ["0"]
@@ -211,18 +233,21 @@ def test_dropped_slices_are_empty_and_masks_stay_in_the_crop(run_lcc, data):
         ys = np.flatnonzero(inside.any(axis=(0, 2, 3)))
         xs = np.flatnonzero(inside.any(axis=(0, 1, 3)))
         box = np.zeros(pred.shape[1:], bool)
-        box[ys[0]:ys[-1] + 1, xs[0]:xs[-1] + 1] = True
+        box[ys[0] : ys[-1] + 1, xs[0] : xs[-1] + 1] = True
         assert pred.any() and not (pred & ~box).any()
 
 
 def test_lcc_on_off_changes_exactly_the_smaller_components(run_lcc, run_no_lcc):
     rows_on, rows_off = _read_csv(run_lcc), _read_csv(run_no_lcc)
     # Everything but the masks' content is the same.
-    assert [(r["volume"], r["input"], r["processed"]) for r in rows_on] == \
-        [(r["volume"], r["input"], r["processed"]) for r in rows_off]
+    assert [(r["volume"], r["input"], r["processed"]) for r in rows_on] == [
+        (r["volume"], r["input"], r["processed"]) for r in rows_off
+    ]
     several = 0
     for v in (r["volume"] for r in rows_on if r["level"] == "volume"):
-        stems = [Path(r["input"]).stem for r in rows_on if r["volume"] == v and r["level"] == "slice"]
+        stems = [
+            Path(r["input"]).stem for r in rows_on if r["volume"] == v and r["level"] == "slice"
+        ]
         on, off = _stack(run_lcc, v, stems), _stack(run_no_lcc, v, stems)
         np.testing.assert_array_equal(on, largest_component(off))
         several += ndimage.label(off)[1] > 1
@@ -238,10 +263,34 @@ def test_a_folder_gives_the_same_result_as_its_slices_given_one_by_one(checkpoin
     files = sorted(str(p) for p in folder.iterdir())  # a glob: masks included, any order
     files = files[::2] + files[1::2]
     out_a, out_b = tmp_path / "folder", tmp_path / "files"
-    assert main(["--checkpoint", str(checkpoint), "--input", str(folder), "--output", str(out_a),
-                 "--no-progress"]) == 0
-    assert main(["--checkpoint", str(checkpoint), "--input", *files, "--output", str(out_b),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(folder),
+                "--output",
+                str(out_a),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                *files,
+                "--output",
+                str(out_b),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert _read_csv(out_a) == _read_csv(out_b)
     names_a = sorted(p.relative_to(out_a).as_posix() for p in out_a.rglob("*") if p.is_file())
     names_b = sorted(p.relative_to(out_b).as_posix() for p in out_b.rglob("*") if p.is_file())
@@ -260,7 +309,7 @@ def test_raw_config_checkpoint(data, tmp_path):
     images, _ = read_volume(data["nonsquare"])
     x = images / 255.0
     mean, std = x.mean(axis=(0, 1, 2)), x.std(axis=(0, 1, 2))
-    xn = ((images.astype(np.float32) / 255.0 - mean.astype(np.float32)) / std.astype(np.float32))
+    xn = (images.astype(np.float32) / 255.0 - mean.astype(np.float32)) / std.astype(np.float32)
     xr, _ = resize_batch(jnp.asarray(xn), jnp.zeros(xn.shape[:3] + (1,)), 64)
     ckpt = save_model_checkpoint(tmp_path / "raw_ckpt", _calibrated(config, xr, seed=1), config)
     out = tmp_path / "out"
@@ -326,21 +375,34 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(checkpoint, data, tmp_pa
     notours = tmp_path / "notours"
     (notours / "0").mkdir(parents=True)
     (notours / "0" / "weights.bin").write_bytes(b"\0" * 8)
-    _fails(capsys, ["--checkpoint", str(notours), "--input", str(data["lone"])],
-           tmp_path / "o7", "not a unet_jax checkpoint")
-    _fails(capsys, ["--checkpoint", str(tmp_path / "missing"), "--input", str(data["lone"])],
-           tmp_path / "o8", "does not exist")
+    _fails(
+        capsys,
+        ["--checkpoint", str(notours), "--input", str(data["lone"])],
+        tmp_path / "o7",
+        "not a unet_jax checkpoint",
+    )
+    _fails(
+        capsys,
+        ["--checkpoint", str(tmp_path / "missing"), "--input", str(data["lone"])],
+        tmp_path / "o8",
+        "does not exist",
+    )
 
 
-def test_output_that_would_overwrite_or_mix_with_inputs_is_refused(checkpoint, data, tmp_path,
-                                                                   capsys):
+def test_output_that_would_overwrite_or_mix_with_inputs_is_refused(
+    checkpoint, data, tmp_path, capsys
+):
     ck = ["--checkpoint", str(checkpoint), "--input", str(data["nonsquare"])]
     before = sorted(p.name for p in data["nonsquare"].iterdir())
     _fails(capsys, ck, data["nonsquare"], "would overwrite")
     _fails(capsys, ck, data["nonsquare"] / "pred", "inside the input folder")
     _fails(capsys, ck, data["nonsquare"].parent, "would overwrite")
-    _fails(capsys, ["--checkpoint", str(checkpoint), "--input", str(data["lone"])],
-           data["lone"], "exists and is not a folder")
+    _fails(
+        capsys,
+        ["--checkpoint", str(checkpoint), "--input", str(data["lone"])],
+        data["lone"],
+        "exists and is not a folder",
+    )
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
@@ -360,14 +422,29 @@ def test_a_failure_mid_run_leaves_nothing_that_looks_complete(checkpoint, data, 
     for k in range(1, 4):
         (good / f"AAA_{k}.png").write_bytes((src / f"NSQ_{k}.png").read_bytes())
         data_bytes = (src / f"NSQ_{k}.png").read_bytes()
-        (badv / f"ZZZ_{k}.png").write_bytes(data_bytes if k != 2 else data_bytes[: len(data_bytes) // 2])
+        (badv / f"ZZZ_{k}.png").write_bytes(
+            data_bytes if k != 2 else data_bytes[: len(data_bytes) // 2]
+        )
     out = tmp_path / "out"
-    _fails(capsys, ["--checkpoint", str(checkpoint), "--input", str(good), str(badv)],
-           out, "ZZZ_2.png")  # out did not exist: it still does not, nor any partial output
+    _fails(
+        capsys, ["--checkpoint", str(checkpoint), "--input", str(good), str(badv)], out, "ZZZ_2.png"
+    )  # out did not exist: it still does not, nor any partial output
     # An empty existing output folder is fine, and is where the results go.
     out.mkdir()
-    assert main(["--checkpoint", str(checkpoint), "--input", str(good), "--output", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(good),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (out / "predictions.csv").is_file() and (out / "AAA" / "AAA.gif").is_file()
 
 
@@ -416,8 +493,20 @@ def test_converted_torch_model_gives_the_pytorch_reference_masks(data, tmp_path)
     torch.save(tm.state_dict(), pt)
     assert convert_main([str(pt), str(tmp_path / "converted")]) == 0
     out = tmp_path / "out"
-    assert main(["--checkpoint", str(tmp_path / "converted"), "--input", str(patient),
-                 "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "converted"),
+                "--input",
+                str(patient),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     n = images.shape[0]
     stems = [f"{patient.name}_{k}" for k in range(1, n + 1)]
     got = _stack(out, patient.name, stems)
@@ -436,8 +525,20 @@ def test_dsc_equals_the_training_evaluation_on_the_same_patients(smoke_workdir, 
         evaluation = {r["patient"]: r for r in csv.DictReader(f)}
     root = wd / "synthetic" / "manual" / "kaggle_3m"
     out = tmp_path / "out"
-    assert main(["--checkpoint", str(wd), "--input", *[str(root / p) for p in evaluation],
-                 "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(wd),
+                "--input",
+                *[str(root / p) for p in evaluation],
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     got = {r["volume"]: r for r in _read_csv(out) if r["level"] == "volume"}
     assert sorted(got) == sorted(evaluation)
     for p, ev in evaluation.items():

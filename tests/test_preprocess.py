@@ -21,8 +21,8 @@ from unet_jax.synthetic import synthetic_volume
 def test_threshold_crop_pad_by_hand():
     vol = np.zeros((4, 6, 8, 3), np.uint8)
     vol[1, 2:4, 1:6, 0] = 200
-    vol[2, 1, 3, 2] = 19   # below 10 % of 200: zeroed
-    vol[2, 4, 6, 1] = 20   # exactly 10 %: kept
+    vol[2, 1, 3, 2] = 19  # below 10 % of 200: zeroed
+    vol[2, 4, 6, 1] = 20  # exactly 10 %: kept
     t = P.threshold_volume(vol)
     assert t[2, 1, 3, 2] == 0 and t[2, 4, 6, 1] == 20
     assert vol[2, 1, 3, 2] == 19  # input untouched
@@ -34,14 +34,17 @@ def test_threshold_crop_pad_by_hand():
         P.crop_bounds(np.zeros((2, 3, 3, 3), np.uint8))
 
 
-@pytest.mark.parametrize("shape,size", [((3, 20, 14, 3), 16), ((2, 9, 9, 3), 32), ((2, 16, 16, 3), 16)])
+@pytest.mark.parametrize(
+    "shape,size", [((3, 20, 14, 3), 16), ((2, 9, 9, 3), 32), ((2, 16, 16, 3), 16)]
+)
 def test_resize_volume_matches_skimage_3d(shape, size):
     rng = np.random.default_rng(0)
     vol = rng.integers(0, 256, shape).astype(np.uint8)
     vol[:, :2] = 0
     ours = P.resize_volume(vol, size)
-    ref = resize(vol, (shape[0], size, size, 3), order=2, mode="constant", cval=0,
-                 anti_aliasing=False)
+    ref = resize(
+        vol, (shape[0], size, size, 3), order=2, mode="constant", cval=0, anti_aliasing=False
+    )
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
 
 
@@ -66,10 +69,13 @@ def test_rescale_percentiles_matches_skimage():
     rng = np.random.default_rng(2)
     v = rng.random((3, 8, 8, 3)) ** 2
     p10, p99 = np.percentile(v, 10), np.percentile(v, 99)
-    np.testing.assert_allclose(P.rescale_percentiles(v),
-                               rescale_intensity(v, in_range=(p10, p99)), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(
+        P.rescale_percentiles(v), rescale_intensity(v, in_range=(p10, p99)), rtol=0, atol=1e-15
+    )
     flat = np.full((2, 4, 4, 3), 0.25)  # p10 == p99: skimage clips to [0, 1]
-    np.testing.assert_array_equal(P.rescale_percentiles(flat), rescale_intensity(flat, in_range=(0.25, 0.25)))
+    np.testing.assert_array_equal(
+        P.rescale_percentiles(flat), rescale_intensity(flat, in_range=(0.25, 0.25))
+    )
 
 
 def test_preprocess_volume_float_matches_skimage_pipeline():
@@ -115,16 +121,16 @@ def test_preprocess_images_for_inference_matches_with_masks():
 
 def test_geometry_and_restore_prediction_by_hand():
     images = np.zeros((6, 10, 12, 3), np.uint8)
-    images[2:4, 3:7, 2:10] = 100   # brain in slices 3-4, rows 3-6, cols 2-9: a 4 x 8 box
-    images[0, 0, 0] = 255          # in the dropped first slice: ignored
+    images[2:4, 3:7, 2:10] = 100  # brain in slices 3-4, rows 3-6, cols 2-9: a 4 x 8 box
+    images[0, 0, 0] = 255  # in the dropped first slice: ignored
     geometry = P.baseline_geometry(images, size=8)
     assert geometry.z_range == (2, 4)
     assert geometry.crop_box == (3, 7, 2, 10)
     assert geometry.padding == (2, 2, 0, 0)  # 4 rows padded to 8
-    assert geometry.square_size == 8          # == out_size: restore is a pure un-crop
+    assert geometry.square_size == 8  # == out_size: restore is a pure un-crop
     pred = np.zeros((2, 8, 8), np.uint8)
-    pred[0, 2:6, :] = 1   # exactly the crop region (below the 2 padding rows)
-    pred[1, 0, 0] = 1     # in the padding: dropped
+    pred[0, 2:6, :] = 1  # exactly the crop region (below the 2 padding rows)
+    pred[1, 0, 0] = 1  # in the padding: dropped
     out = P.restore_prediction(pred, geometry)
     assert out.shape == (6, 10, 12)
     expected = np.zeros((6, 10, 12), np.uint8)
@@ -157,3 +163,28 @@ def test_bad_inputs():
         P.preprocess_volume(np.zeros((4, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="do not match"):
         P.preprocess_volume(np.ones((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 9), np.uint8))
+
+
+def test_prepare_volume_raw_is_the_stored_slices_with_identity_geometry():
+    rng = np.random.default_rng(7)
+    images, masks = synthetic_volume(rng, 4, 24)
+    images, masks = images[:, :, 2:22], masks[:, :, 2:22]  # non-square: 24 x 20
+    pv = P.prepare_volume(images, masks, "raw")
+    assert pv.image is images and set(np.unique(pv.mask).tolist()) <= {0, 1}
+    np.testing.assert_array_equal(pv.mask, masks > 0)
+    mean, std = P.channel_stats_uint8(images)
+    np.testing.assert_array_equal(pv.channel_mean, mean.astype(np.float32))
+    np.testing.assert_array_equal(pv.channel_std, std.astype(np.float32))
+    assert pv.geometry == P.VolumeGeometry.identity(4, (24, 20))
+    assert pv.geometry.z_range == (0, 4) and pv.geometry.padded_shape == (24, 20)
+    # The inverse at the model's resolution is the nearest-neighbour resize to the slices' size.
+    pred = rng.random((4, 16, 16)) > 0.5
+    np.testing.assert_array_equal(
+        P.restore_prediction(pred, pv.geometry), P.resize_masks(pred, (24, 20))
+    )
+    base = P.prepare_volume(images, masks, "baseline", size=32)
+    ref = P.preprocess_volume(images, masks, size=32)
+    np.testing.assert_array_equal(base.image, ref.image)
+    assert base.geometry == ref.geometry
+    with pytest.raises(ValueError, match="unknown mode"):
+        P.prepare_volume(images, masks, "other")  # type: ignore[arg-type]

@@ -32,8 +32,10 @@ def test_layout_files_and_formats(tmp_path):
         n = len(names) // 2
         assert 4 <= n <= 7
         # Slice numbers 1..n, not zero-padded, each with image and mask.
-        expected = sorted([f"{folder.name}_{k}.tif" for k in range(1, n + 1)]
-                          + [f"{folder.name}_{k}_mask.tif" for k in range(1, n + 1)])
+        expected = sorted(
+            [f"{folder.name}_{k}.tif" for k in range(1, n + 1)]
+            + [f"{folder.name}_{k}_mask.tif" for k in range(1, n + 1)]
+        )
         assert names == expected
         images, masks = read_volume(folder)
         assert images.shape == (n, 64, 64, 3) and images.dtype == np.uint8
@@ -87,8 +89,9 @@ def test_phantom_content_is_learnable():
 
 
 def test_archive_layouts(tmp_path):
-    unpacked = write_synthetic_kaggle3m(tmp_path / "u", num_patients=2, slices=(3, 4), size=32,
-                                        seed=5, layout="kaggle-zip")
+    unpacked = write_synthetic_kaggle3m(
+        tmp_path / "u", num_patients=2, slices=(3, 4), size=32, seed=5, layout="kaggle-zip"
+    )
     copy = tmp_path / "u" / "lgg-mri-segmentation" / "kaggle_3m"
     first = {str(p.relative_to(unpacked)): p.read_bytes() for p in unpacked.rglob("*.tif")}
     second = {str(p.relative_to(copy)): p.read_bytes() for p in copy.rglob("*.tif")}
@@ -96,8 +99,9 @@ def test_archive_layouts(tmp_path):
     raw = (copy / "data.csv").read_bytes()
     assert b"\r\n" in raw and raw.splitlines()[0].decode() == REAL_HEADER.replace(",", ";")
 
-    archive = write_synthetic_kaggle3m(tmp_path / "z", num_patients=2, slices=(3, 4), size=32,
-                                       seed=5, layout="zip")
+    archive = write_synthetic_kaggle3m(
+        tmp_path / "z", num_patients=2, slices=(3, 4), size=32, seed=5, layout="zip"
+    )
     assert archive.suffix == ".zip" and not (tmp_path / "z" / "kaggle_3m").exists()
     with zipfile.ZipFile(archive) as zf:
         names = set(zf.namelist())

@@ -29,9 +29,10 @@ def _tagged_volumes():
     """Two patients whose image values encode (patient, slice): 100 * p + z."""
     volumes = []
     for p, z_count in enumerate((3, 5)):
-        img = np.zeros((z_count, 8, 8, 3), np.float32) + (100 * p + np.arange(z_count))[
-            :, None, None, None
-        ]
+        img = (
+            np.zeros((z_count, 8, 8, 3), np.float32)
+            + (100 * p + np.arange(z_count))[:, None, None, None]
+        )
         mask = np.zeros((z_count, 8, 8, 1), np.float32)
         mask[1, :2, :2] = 1  # areas: slice 1 -> 4 pixels
         mask[2, :4, :4] = 1  # slice 2 -> 16 pixels
@@ -148,8 +149,9 @@ def test_two_step_train_run(tuned):
 def test_no_per_step_sync_gives_the_same_losses():
     # The tuned loop fetches its losses once at the end; the numbers must be the per-step ones.
     torch.manual_seed(0)
-    batches = [(torch.randn(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.7).float())
-                for _ in range(3)]
+    batches = [
+        (torch.randn(2, 3, 16, 16), (torch.rand(2, 1, 16, 16) > 0.7).float()) for _ in range(3)
+    ]
     runs = []
     for sync in (True, False):
         torch.manual_seed(1)
@@ -173,8 +175,22 @@ def test_cli_runs(capsys):
     # Workers 0: forking DataLoader workers from a pytest process that has already started JAX
     # (tests/test_augment.py) could deadlock; the worker seeding is tested on its own above.
     r = main(
-        ["--steps", "2", "--batch-size", "2", "--image-size", "32", "--features", "4",
-         "--workers", "0", "--patients", "2", "--device", "cpu"]
+        [
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--image-size",
+            "32",
+            "--features",
+            "4",
+            "--workers",
+            "0",
+            "--patients",
+            "2",
+            "--device",
+            "cpu",
+        ]
     )
     assert r["steps"] == 2 and math.isfinite(r["final_loss"])
     out = capsys.readouterr().out

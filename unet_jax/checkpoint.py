@@ -32,6 +32,7 @@ from flax import nnx
 
 from unet_jax.config import Config
 from unet_jax.model import UNet, load_pure, model_to_pure
+from unet_jax.rundir import CHECKPOINTS_DIRNAME
 
 BEST_METRIC = "val_dsc"
 FORMAT = "unet_jax.checkpoint/1"
@@ -43,8 +44,13 @@ class CheckpointError(RuntimeError):
 
 def build_model(config: Config, seed: int = 0) -> UNet:
     """A freshly initialised UNet for ``config``'s model settings."""
-    return UNet(config.in_channels, config.out_channels, config.features,
-                dtype=jnp.dtype(config.dtype), rngs=nnx.Rngs(seed))
+    return UNet(
+        config.in_channels,
+        config.out_channels,
+        config.features,
+        dtype=jnp.dtype(config.dtype),
+        rngs=nnx.Rngs(seed),
+    )
 
 
 def abstract_model(config: Config) -> UNet:
@@ -59,8 +65,13 @@ def _manager(directory: Path, **options) -> ocp.CheckpointManager:
 
 def _best_manager(directory: Path, **options) -> ocp.CheckpointManager:
     """The manager of the best checkpoint, ranked by :data:`BEST_METRIC` (read back from disk)."""
-    return _manager(directory, max_to_keep=1, best_fn=lambda m: float(m[BEST_METRIC]),
-                    best_mode="max", **options)
+    return _manager(
+        directory,
+        max_to_keep=1,
+        best_fn=lambda m: float(m[BEST_METRIC]),
+        best_mode="max",
+        **options,
+    )
 
 
 def _meta(step: int, config: Config, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -73,7 +84,7 @@ class TrainCheckpoints:
     """The ``latest`` and ``best`` checkpoint managers of one training workdir."""
 
     def __init__(self, workdir: str | Path, keep_latest: int = 1):
-        root = Path(workdir).absolute() / "checkpoints"
+        root = Path(workdir).absolute() / CHECKPOINTS_DIRNAME
         self.latest = _manager(root / "latest", max_to_keep=keep_latest)
         self.best = _best_manager(root / "best")
         self._best_metric: float | None = self._read_best_metric()  # then kept by save()
@@ -89,15 +100,31 @@ class TrainCheckpoints:
         """The validation DSC of the best checkpoint on disk, if any."""
         return self._best_metric
 
-    def save(self, step: int, model_pure: dict, opt_pure: Any, config: Config,
-             meta: dict[str, Any], metric: float | None = None) -> bool:
+    def save(
+        self,
+        step: int,
+        model_state: dict,
+        optimizer_state: Any,
+        config: Config,
+        meta: dict[str, Any],
+        metric: float | None = None,
+    ) -> bool:
         """Save as latest; also as best (model and meta only) when ``metric`` beats the best so
-        far. Returns is-best."""
-        items = dict(model=ocp.args.StandardSave(model_pure),
-                     meta=ocp.args.JsonSave(_meta(step, config, meta)))
+        far. Returns is-best.
+
+        ``model_state``: :func:`unet_jax.model.model_to_pure`'s dict; ``optimizer_state``: any
+        pytree (the trainer's optimiser state and step).
+        """
+        items = {
+            "model": ocp.args.StandardSave(model_state),
+            "meta": ocp.args.JsonSave(_meta(step, config, meta)),
+        }
         if self.latest.latest_step() != step:
-            self.latest.save(step, args=ocp.args.Composite(
-                opt=ocp.args.StandardSave(opt_pure), **items), force=True)
+            self.latest.save(
+                step,
+                args=ocp.args.Composite(opt=ocp.args.StandardSave(optimizer_state), **items),
+                force=True,
+            )
         self.latest.wait_until_finished()
         if metric is None:
             return False
@@ -105,21 +132,30 @@ class TrainCheckpoints:
         if best is not None and not metric > best:
             return False
         if self.best.latest_step() != step:
-            self.best.save(step, args=ocp.args.Composite(**items),
-                           metrics={BEST_METRIC: float(metric)}, force=True)
+            self.best.save(
+                step,
+                args=ocp.args.Composite(**items),
+                metrics={BEST_METRIC: float(metric)},
+                force=True,
+            )
         self.best.wait_until_finished()
         self._best_metric = float(metric)
         return True
 
     def restore_latest(self, model_target: dict, opt_target: Any):
-        """``(model_pure, opt_pure, meta)`` of the latest checkpoint, or None if there is none."""
+        """``(model_state, optimizer_state, meta)`` of the latest checkpoint, or None if there
+        is none (the targets give the structure to restore into)."""
         step = self.latest.latest_step()
         if step is None:
             return None
-        out = self.latest.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(model_target),
-            opt=ocp.args.StandardRestore(opt_target),
-            meta=ocp.args.JsonRestore()))
+        out = self.latest.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(model_target),
+                opt=ocp.args.StandardRestore(opt_target),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
         return out["model"], out["opt"], out["meta"]
 
     def close(self) -> None:
@@ -127,14 +163,24 @@ class TrainCheckpoints:
         self.best.close()
 
 
-def save_model_checkpoint(directory: str | Path, model: UNet, config: Config,
-                          extra_meta: dict[str, Any] | None = None, step: int = 0) -> Path:
+def save_model_checkpoint(
+    directory: str | Path,
+    model: UNet,
+    config: Config,
+    extra_meta: dict[str, Any] | None = None,
+    step: int = 0,
+) -> Path:
     """Write a model-only checkpoint (``model`` + ``meta``) that :func:`load_model` reads."""
     directory = Path(directory).absolute()
     mngr = _manager(directory, max_to_keep=None)
-    mngr.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model_to_pure(model)),
-        meta=ocp.args.JsonSave(_meta(step, config, extra_meta))), force=True)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(model_to_pure(model)),
+            meta=ocp.args.JsonSave(_meta(step, config, extra_meta)),
+        ),
+        force=True,
+    )
     mngr.wait_until_finished()
     mngr.close()
     return directory
@@ -142,10 +188,11 @@ def save_model_checkpoint(directory: str | Path, model: UNet, config: Config,
 
 def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
     """Find the Orbax manager directory and step for a workdir or a checkpoint directory."""
-    candidates = [path / "checkpoints" / "best", path / "checkpoints" / "latest", path]
+    root = path / CHECKPOINTS_DIRNAME
+    candidates = [root / "best", root / "latest", path]
     if step is not None:
         # An explicit step may be in either manager of a workdir.
-        candidates = [path / "checkpoints" / "latest", path / "checkpoints" / "best", path]
+        candidates = [root / "latest", root / "best", path]
     for directory in candidates:
         if not directory.is_dir():
             continue
@@ -165,7 +212,8 @@ def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
         raise CheckpointError(f"no checkpoint for step {step} under {path}")
     raise CheckpointError(
         f"{path} holds no unet_jax checkpoint (expected a training workdir with checkpoints/, or a "
-        "directory written by `python -m unet_jax.convert`)")
+        "directory written by `python -m unet_jax.convert`)"
+    )
 
 
 def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config, dict[str, Any]]:
@@ -184,12 +232,15 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{item} is not a unet_jax checkpoint: unreadable meta ({e})") from None
+        raise CheckpointError(
+            f"{item} is not a unet_jax checkpoint: unreadable meta ({e})"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{item} is not a unet_jax checkpoint (format {meta.get('format')!r})")
+        raise CheckpointError(
+            f"{item} is not a unet_jax checkpoint (format {meta.get('format')!r})"
+        )
     config = Config.from_dict(meta["config"])
     model = abstract_model(config)
     load_pure(model, ocp.StandardCheckpointer().restore(item / "model", model_to_pure(model)))
     model.eval()
     return model, config, meta
-

@@ -76,10 +76,10 @@ class Config:
     keep_latest: int = 1
     #: Also checkpoint every N steps within epochs (0: at epoch ends only).
     checkpoint_every_steps: int = 0
-    #: Write the report (figures, report.md) at the end of the run.
+    #: Write the report (figures, report.md) when the run ends (done by ``experiments.run``).
     write_report: bool = True
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (type-checked)."""
         return override(self, changes)
 
@@ -92,7 +92,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any]) -> Config:
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
         return override(cls(), d)
 

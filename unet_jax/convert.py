@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,11 +23,28 @@ from flax import nnx
 from unet_jax.config import Config
 from unet_jax.model import UNet, load_pure, model_to_pure
 
-_BLOCKS = ["encoder1", "encoder2", "encoder3", "encoder4", "bottleneck",
-           "decoder4", "decoder3", "decoder2", "decoder1"]
-_BLOCK_PREFIX = {"encoder1": "enc1", "encoder2": "enc2", "encoder3": "enc3", "encoder4": "enc4",
-                 "bottleneck": "bottleneck", "decoder4": "dec4", "decoder3": "dec3",
-                 "decoder2": "dec2", "decoder1": "dec1"}
+_BLOCKS = [
+    "encoder1",
+    "encoder2",
+    "encoder3",
+    "encoder4",
+    "bottleneck",
+    "decoder4",
+    "decoder3",
+    "decoder2",
+    "decoder1",
+]
+_BLOCK_PREFIX = {
+    "encoder1": "enc1",
+    "encoder2": "enc2",
+    "encoder3": "enc3",
+    "encoder4": "enc4",
+    "bottleneck": "bottleneck",
+    "decoder4": "dec4",
+    "decoder3": "dec3",
+    "decoder2": "dec2",
+    "decoder1": "dec1",
+}
 
 
 class ConversionError(ValueError):
@@ -48,8 +66,12 @@ def _mapping(features: int) -> list[tuple[str, tuple[str, ...], str]]:
             rows.append((f"{block}.{p}conv{i}.weight", (block, f"conv{i}", "kernel"), "conv"))
             rows.append((f"{block}.{p}norm{i}.weight", (block, f"norm{i}", "scale"), "vec"))
             rows.append((f"{block}.{p}norm{i}.bias", (block, f"norm{i}", "bias"), "vec"))
-            rows.append((f"{block}.{p}norm{i}.running_mean", (block, f"norm{i}", "running_mean"), "vec"))
-            rows.append((f"{block}.{p}norm{i}.running_var", (block, f"norm{i}", "running_var"), "vec"))
+            rows.append(
+                (f"{block}.{p}norm{i}.running_mean", (block, f"norm{i}", "running_mean"), "vec")
+            )
+            rows.append(
+                (f"{block}.{p}norm{i}.running_var", (block, f"norm{i}", "running_var"), "vec")
+            )
     for level in (4, 3, 2, 1):
         rows.append((f"upconv{level}.weight", (f"upconv{level}", "kernel"), "upconv"))
         rows.append((f"upconv{level}.bias", (f"upconv{level}", "bias"), "vec"))
@@ -64,11 +86,13 @@ def _infer_sizes(sd: Mapping[str, np.ndarray]) -> tuple[int, int, int]:
         wout = sd["conv.weight"]
     except KeyError as e:
         raise ConversionError(
-            f"not a baseline U-Net state_dict: missing key {e.args[0]!r}") from None
+            f"not a baseline U-Net state_dict: missing key {e.args[0]!r}"
+        ) from None
     if w1.ndim != 4 or wout.ndim != 4:
         raise ConversionError(
             f"not a baseline U-Net state_dict: encoder1.enc1conv1.weight has shape {w1.shape}, "
-            f"conv.weight has shape {wout.shape} (expected 4-D conv weights)")
+            f"conv.weight has shape {wout.shape} (expected 4-D conv weights)"
+        )
     return int(w1.shape[1]), int(wout.shape[0]), int(w1.shape[0])
 
 
@@ -110,8 +134,10 @@ def unet_from_torch(state_dict: Mapping[str, Any]) -> UNet:
             continue
         node[path[-1]] = jnp.asarray(value)
     if wrong_shape:
-        problems.append("wrong shapes (for in_channels=%d, out_channels=%d, features=%d): %s"
-                        % (in_ch, out_ch, features, wrong_shape))
+        problems.append(
+            f"wrong shapes (for in_channels={in_ch}, out_channels={out_ch}, "
+            f"features={features}): {wrong_shape}"
+        )
     if problems:
         raise ConversionError("not a baseline U-Net state_dict: " + "; ".join(problems))
     load_pure(model, state)
@@ -129,7 +155,9 @@ def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or unsafe files
-        raise ConversionError(f"{path}: cannot be loaded as a weights-only state_dict ({e})") from None
+        raise ConversionError(
+            f"{path}: cannot be loaded as a weights-only state_dict ({e})"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -141,11 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     """CLI: ``python -m unet_jax.convert IN.pt OUT_DIR``."""
     from unet_jax.checkpoint import save_model_checkpoint
 
-    parser = argparse.ArgumentParser(prog="python -m unet_jax.convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m unet_jax.convert", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("input", help="the baseline's .pt state_dict (e.g. unet.pt)")
     parser.add_argument("output", help="new directory for the Orbax checkpoint")
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="input size the model was trained at (saved in the config)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        help="input size the model was trained at (saved in the config)",
+    )
     args = parser.parse_args(argv)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
@@ -156,11 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = Config(name="converted_torch_baseline", in_channels=model.in_channels,
-                    out_channels=model.out_channels, features=model.features,
-                    image_size=args.image_size, dataset_config="baseline")
+    config = Config(
+        name="converted_torch_baseline",
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
+        features=model.features,
+        image_size=args.image_size,
+        dataset_config="baseline",
+    )
     save_model_checkpoint(out, model, config, {"source": str(Path(args.input).absolute())})
-    print(f"wrote {out} (features={model.features}, in={model.in_channels}, out={model.out_channels})")
+    print(
+        f"wrote {out} (features={model.features}, in={model.in_channels}, out={model.out_channels})"
+    )
     return 0
 
 

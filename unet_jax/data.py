@@ -1,12 +1,16 @@
-"""Where a run's data comes from: find or build the TFDS data set, then load its splits.
+"""A run's ``(train, validation)`` splits, read from the built TFDS data set.
 
-* ``source="lgg"``: the real data. The built TFDS data set is looked for in ``data_dir``
-  (default: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); if it is not built yet, the Kaggle
-  download is looked for in ``manual_dir`` and then in TFDS's manual-dir convention
-  ``<data_dir>/downloads/manual``, and built once. With neither, :class:`DataNotFoundError`
-  carries the download instructions.
-* ``source="synthetic"``: the project's seeded phantom data in the kaggle_3m layout, written
-  into the workdir and taken through the same TFDS build (the no-download demo).
+This module only reads a data set that is already built: building it (from the Kaggle download,
+or from the project's synthetic data) is the caller's step, ``experiments.data.ensure_built``, so
+the core never imports the builder in ``datasets/``. The files are read through TFDS's read-only
+builder (features.json stores plain tensors), so the builder need not be registered.
+
+Where the built data is (:func:`configured_data_dir`):
+
+* ``source="lgg"``: ``config.data_dir``, else TFDS's default (``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets``).
+* ``source="synthetic"``: ``<config.data_dir or <workdir>/synthetic>/tfds``, beside the generated
+  download in ``.../manual``; without ``config.data_dir`` it belongs to a workdir.
 
 Splits: ``holdout`` gives the baseline's train/validation patients; ``fold`` gives fold
 ``config.fold`` of ``config.num_folds`` deterministic patient-level folds over all patients.
@@ -15,22 +19,22 @@ Splits: ``holdout`` gives the baseline's train/validation patients; ``fold`` giv
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 from unet_jax.config import Config
-from unet_jax.input_pipeline import SplitData, concat, load_split, select_patients
+from unet_jax.input_pipeline import SplitData, concat, select_patients, split_from_records
+from unet_jax.lgg import MANUAL_DOWNLOAD_INSTRUCTIONS, patient_folds
 
 DATASET = "lgg_mri_segmentation"
 
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+
 
 class DataNotFoundError(FileNotFoundError):
-    """Neither a built data set nor the Kaggle download was found; the message says what to do."""
-
-
-def _lgg():
-    # Imported lazily: registers the TFDS builder (and keeps `import unet_jax` light).
-    import datasets.lgg_mri_segmentation as lgg
-    return lgg
+    """The built data set (or the download to build it from) is not there; the message says
+    what to do."""
 
 
 def default_data_dir() -> Path:
@@ -38,66 +42,100 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets")).expanduser()
 
 
-def is_built(data_dir: Path, dataset_config: str) -> bool:
-    """Whether ``lgg_mri_segmentation/<config>`` is prepared under ``data_dir``."""
-    root = Path(data_dir) / DATASET / dataset_config
-    return any(p.joinpath("dataset_info.json").is_file() for p in root.glob("*")) if root.is_dir() else False
+def configured_data_dir(config: Config, workdir: str | Path | None = None) -> Path:
+    """The TFDS data directory ``config`` reads from (and builds into); see the module docstring.
 
-
-def manual_dir_candidates(config: Config, data_dir: Path) -> list[Path]:
-    """Where the Kaggle download is looked for, in order."""
-    out = [Path(config.manual_dir).expanduser()] if config.manual_dir else []
-    out.append(data_dir / "downloads" / "manual")
-    return out
-
-
-def ensure_built(config: Config, workdir: str | Path) -> Path:
-    """Make sure the TFDS data set the config needs exists; return its ``data_dir``."""
-    lgg = _lgg()
+    Raises:
+      ValueError: an unknown ``config.source``, or synthetic data with neither
+        ``config.data_dir`` nor a ``workdir``.
+    """
     if config.source == "synthetic":
-        from unet_jax.synthetic import write_synthetic_kaggle3m
-
-        base = Path(config.data_dir).expanduser() if config.data_dir else Path(workdir) / "synthetic"
-        data_dir = base / "tfds"
-        if not is_built(data_dir, config.dataset_config):
-            manual = base / "manual"
-            if not (manual / "kaggle_3m").is_dir():
-                write_synthetic_kaggle3m(manual, num_patients=config.synthetic_patients,
-                                         slices=tuple(config.synthetic_slices), seed=config.seed)
-            lgg.build(manual, data_dir, config.dataset_config)
-        return data_dir
+        if config.data_dir:
+            return Path(config.data_dir).expanduser() / "tfds"
+        if workdir is None:
+            raise ValueError(
+                "synthetic data without config.data_dir lives in its run's workdir "
+                "(<workdir>/synthetic/tfds): pass data_dir, or build it with "
+                "experiments.data.ensure_built(config, workdir)"
+            )
+        return Path(workdir) / "synthetic" / "tfds"
     if config.source != "lgg":
         raise ValueError(f"unknown data source {config.source!r}; valid: lgg, synthetic")
-    data_dir = Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
-    if is_built(data_dir, config.dataset_config):
-        return data_dir
-    tried = manual_dir_candidates(config, data_dir)
-    for manual in tried:
-        if manual.exists() and any(manual.iterdir()):
-            print(f"building {DATASET}/{config.dataset_config} from {manual} into {data_dir} "
-                  "(once; later runs reuse it)")
-            lgg.build(manual, data_dir, config.dataset_config)
-            return data_dir
-    raise DataNotFoundError(
-        f"The LGG data set is not built in {data_dir / DATASET / config.dataset_config} and no "
-        f"Kaggle download was found in: {', '.join(str(p) for p in tried)}.\n\n"
-        f"{lgg.MANUAL_DOWNLOAD_INSTRUCTIONS}\n"
+    return Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
+
+
+def built_version_dir(data_dir: str | Path, dataset_config: str) -> Path | None:
+    """``<data_dir>/lgg_mri_segmentation/<config>/<version>`` of the newest prepared version."""
+    root = Path(data_dir) / DATASET / dataset_config
+    if not root.is_dir():
+        return None
+    # Prepared versions only: an interrupted build leaves an ``incomplete.*`` folder instead.
+    versions = [
+        p for p in root.iterdir() if _VERSION.match(p.name) and (p / "dataset_info.json").is_file()
+    ]
+    if not versions:
+        return None
+    return max(versions, key=lambda p: tuple(int(x) for x in p.name.split(".")))
+
+
+def is_built(data_dir: str | Path, dataset_config: str) -> bool:
+    """Whether ``lgg_mri_segmentation/<config>`` is prepared under ``data_dir``."""
+    return built_version_dir(data_dir, dataset_config) is not None
+
+
+def not_built_error(
+    data_dir: str | Path, dataset_config: str, tried: Sequence[Path] = ()
+) -> DataNotFoundError:
+    """The error for a data set that is not built (and, if ``tried``, no download found)."""
+    where = Path(data_dir) / DATASET / dataset_config
+    searched = (
+        f" and no Kaggle download was found in: {', '.join(str(p) for p in tried)}" if tried else ""
+    )
+    return DataNotFoundError(
+        f"The LGG data set is not built in {where}{searched}.\n\n"
+        f"{MANUAL_DOWNLOAD_INSTRUCTIONS}\n"
         "Then pass --manual_dir DIR (or put it in <data_dir>/downloads/manual), or run "
-        "`python -m experiments.run --exp=smoke` for the built-in demo on synthetic data.")
+        "`python -m experiments.run --exp=smoke` for the built-in demo on synthetic data."
+    )
 
 
-def load_data(config: Config, workdir: str | Path) -> tuple[SplitData, SplitData]:
-    """``(train, validation)`` splits for ``config`` (building the data set if needed)."""
-    data_dir = ensure_built(config, workdir)
-    name = f"{DATASET}/{config.dataset_config}"
-    train = load_split(name, "train", str(data_dir))
-    val = load_split(name, "validation", str(data_dir))
+def read_split(data_dir: str | Path, dataset_config: str, split: str) -> SplitData:
+    """One split (``train`` or ``validation``) of the built data set, without TensorFlow.
+
+    Raises:
+      DataNotFoundError: ``lgg_mri_segmentation/<dataset_config>`` is not built in ``data_dir``.
+    """
+    import tensorflow_datasets as tfds
+
+    path = built_version_dir(data_dir, dataset_config)
+    if path is None:
+        raise not_built_error(data_dir, dataset_config)
+    source = tfds.builder_from_directory(str(path)).as_data_source(split)
+    return split_from_records([source[i] for i in range(len(source))])
+
+
+def load_data(config: Config, data_dir: str | Path | None = None) -> tuple[SplitData, SplitData]:
+    """``(train, validation)`` splits for ``config`` from the built data set.
+
+    Args:
+      config: names the data set config (``dataset_config``) and the split (``split``,
+        ``fold``, ``num_folds``).
+      data_dir: the TFDS data directory holding the built data set; default:
+        :func:`configured_data_dir` (synthetic data then needs ``config.data_dir``).
+
+    Raises:
+      DataNotFoundError: the data set is not built there (with the download instructions).
+      ValueError: an unknown split or an out-of-range fold.
+    """
+    if config.split not in ("holdout", "fold"):
+        raise ValueError(f"unknown split {config.split!r}; valid: holdout, fold")
+    if config.split == "fold" and not 0 <= config.fold < config.num_folds:
+        raise ValueError(f"fold {config.fold} is not in 0..{config.num_folds - 1}")
+    data_dir = configured_data_dir(config) if data_dir is None else Path(data_dir)
+    train = read_split(data_dir, config.dataset_config, "train")
+    val = read_split(data_dir, config.dataset_config, "validation")
     if config.split == "holdout":
         return train, val
-    if config.split == "fold":
-        if not 0 <= config.fold < config.num_folds:
-            raise ValueError(f"fold {config.fold} is not in 0..{config.num_folds - 1}")
-        everyone = concat(train, val)
-        train_ids, val_ids = _lgg().patient_folds(everyone.patients, k=config.num_folds)[config.fold]
-        return select_patients(everyone, train_ids), select_patients(everyone, val_ids)
-    raise ValueError(f"unknown split {config.split!r}; valid: holdout, fold")
+    everyone = concat(train, val)
+    train_ids, val_ids = patient_folds(everyone.patients, k=config.num_folds)[config.fold]
+    return select_patients(everyone, train_ids), select_patients(everyone, val_ids)

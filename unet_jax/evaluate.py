@@ -9,24 +9,20 @@ one vector, averaged over volumes (independent of how slices are batched).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unet_jax import metrics
+from unet_jax import metrics, preprocess
 from unet_jax.input_pipeline import ResidentData, SplitData
 
-PER_PATIENT_FIELDS = ["patient", "slices", "dsc", "dsc_lcc", "accuracy", "precision", "recall",
-                      "true_pixels", "pred_pixels", "dice_loss"]
 
-
-def make_predict_step(apply_fn: Callable[[Any, jax.Array], jax.Array], data: ResidentData,
-                      threshold: float = 0.5):
+def make_predict_step(
+    apply_fn: Callable[[Any, jax.Array], jax.Array], data: ResidentData, threshold: float = 0.5
+):
     """A jitted ``(variables, arrays, b) -> (pred, p*y, p, y sums, valid)`` for eval batch ``b``.
 
     ``apply_fn(variables, images)`` returns logits. Predictions are ``sigmoid >= threshold``.
@@ -39,8 +35,13 @@ def make_predict_step(apply_fn: Callable[[Any, jax.Array], jax.Array], data: Res
         logits = apply_fn(variables, x)
         p = jax.nn.sigmoid(logits)
         axes = (1, 2, 3)
-        return (logits[..., 0] >= logit_threshold, jnp.sum(p * y, axes), jnp.sum(p, axes),
-                jnp.sum(y, axes), valid)
+        return (
+            logits[..., 0] >= logit_threshold,
+            jnp.sum(p * y, axes),
+            jnp.sum(p, axes),
+            jnp.sum(y, axes),
+            valid,
+        )
 
     return step
 
@@ -50,7 +51,9 @@ def predict_split(step, variables: Any, data: ResidentData) -> dict[str, np.ndar
     real (unpadded) slices in order: ``pred`` bool (N,H,W), ``py``, ``p``, ``y`` sums (N,)."""
     outs: dict[str, list[np.ndarray]] = {"pred": [], "py": [], "p": [], "y": []}
     # Dispatch every batch before fetching any, so the device never waits for the host.
-    fetched = jax.device_get([step(variables, data.arrays, b) for b in range(data.num_eval_batches)])
+    fetched = jax.device_get(
+        [step(variables, data.arrays, b) for b in range(data.num_eval_batches)]
+    )
     for pred, py, p, y, valid in fetched:
         keep = np.asarray(valid, bool)
         for name, arr in zip(("pred", "py", "p", "y"), (pred, py, p, y)):
@@ -58,16 +61,18 @@ def predict_split(step, variables: Any, data: ResidentData) -> dict[str, np.ndar
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def per_volume(pred: np.ndarray, truth: np.ndarray, split: SplitData,
-               sums: dict[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
-    """One row of metrics per patient volume (see :data:`PER_PATIENT_FIELDS`).
+def per_volume(
+    pred: np.ndarray, truth: np.ndarray, split: SplitData, sums: dict[str, np.ndarray] | None = None
+) -> list[dict[str, Any]]:
+    """One row of metrics per patient volume (columns: :data:`unet_jax.rundir.PER_PATIENT_FIELDS`).
 
     ``pred`` and ``truth`` are binary (N, H, W) arrays aligned with ``split``'s slices; ``sums``
     (per-slice ``py``, ``p``, ``y`` of sigmoid outputs) adds the per-volume Dice loss.
     """
     if pred.shape[0] != split.num_examples or truth.shape[0] != split.num_examples:
-        raise ValueError(f"{pred.shape[0]} predictions / {truth.shape[0]} masks for "
-                         f"{split.num_examples} slices")
+        raise ValueError(
+            f"{pred.shape[0]} predictions / {truth.shape[0]} masks for {split.num_examples} slices"
+        )
     rows = []
     for v, patient in enumerate(split.patients):
         idx = split.volume_slices(v)
@@ -82,6 +87,7 @@ def per_volume(pred: np.ndarray, truth: np.ndarray, split: SplitData,
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean and median over patients. ``val_dsc`` is the headline: mean DSC after LCC."""
+
     def col(name):
         return np.array([r[name] for r in rows], np.float64)
 
@@ -109,30 +115,45 @@ def lcc_per_volume(pred: np.ndarray, split: SplitData) -> np.ndarray:
     return out
 
 
-def write_per_patient_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """Write the per-patient table (one row per volume)."""
-    path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=PER_PATIENT_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
-
-
-def write_predictions(path: str | Path, split: SplitData, pred: np.ndarray) -> None:
-    """Save what the report's overlays need (images as stored, truth, prediction after LCC)."""
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.npz")
+def stored_predictions(split: SplitData, pred: np.ndarray) -> dict[str, np.ndarray]:
+    """The arrays of ``predictions.npz`` (what the report's overlays need): the images as stored,
+    the truth, and ``pred`` after the largest-component step, at the stored size."""
     pred = lcc_per_volume(pred, split)
     h, w = split.images.shape[1:3]
     if pred.shape[1:] != (h, w):
         # Trained at a smaller size: show the prediction at the stored size (nearest neighbour).
-        fy, fx = h // pred.shape[1], w // pred.shape[2]
-        pred = np.repeat(np.repeat(pred, fy, axis=1), fx, axis=2)
-    np.savez_compressed(tmp, image=split.images, truth=split.masks[..., 0].astype(bool),
-                        pred=pred,
-                        patient=np.array([split.patients[v] for v in split.volume]),
-                        slice_index=split.slice_index)
-    tmp.replace(path)
+        pred = preprocess.resize_masks(pred, (h, w))
+    return {
+        "image": split.images,
+        "truth": split.masks[..., 0].astype(bool),
+        "pred": pred,
+        "patient": np.array([split.patients[v] for v in split.volume]),
+        "slice_index": split.slice_index,
+    }
+
+
+def eval_truth(val: ResidentData) -> np.ndarray:
+    """The validation masks (bool, N x H x W) at the model's input size, exactly as the
+    evaluation batches see them (resized on device when the model trains below 256)."""
+    if val.aug.image_size is None:
+        return val.data.masks[..., 0].astype(bool)
+
+    @jax.jit
+    def masks_of(arrays, b):
+        return val.eval_batch(b, arrays)[1]
+
+    out = [np.asarray(masks_of(val.arrays, b))[..., 0] for b in range(val.num_eval_batches)]
+    return np.concatenate(out)[: val.data.num_examples] >= 0.5
+
+
+def evaluate_split(
+    variables: Any, val: ResidentData, predict_step: Callable, truth: np.ndarray
+) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray]:
+    """Per-patient metrics of the model ``variables`` on ``val``: (summary, rows, binary preds).
+
+    ``predict_step``: :func:`make_predict_step` of ``val``; ``truth``: the validation masks at
+    the model's input size (:func:`eval_truth`). Both are made once per run.
+    """
+    out = predict_split(predict_step, variables, val)
+    rows = per_volume(out["pred"], truth, val.data, out)
+    return summarize(rows), rows, out["pred"]

@@ -21,10 +21,13 @@ Design:
 * Normalisation is the baseline's per-volume channel standardisation, ``(x/255 - mean) / std``,
   applied *before* augmentation as the baseline does (its zero fill is zero in standardised
   units).
-* :class:`StreamingData` is the same interface for data that does not fit the device-memory
-  budget: the host computes the same indices, grain reads those records from the TFDS data
-  source with several threads and prefetches, and the same jitted function normalises and
-  augments. It gives batches identical to :class:`ResidentData` for the same seed.
+* :class:`StreamingData` serves training data over the device-memory budget: the host computes
+  the same indices with the same sampler, grain reads those records from a random-access source
+  (training passes the split's host arrays, one record per slice) with several threads, a thread
+  pool reads the next steps ahead, and the same pure :func:`prepare_batch`, jitted on its own,
+  normalises, resizes and augments them with the same keys. The examples and augmentation draws
+  are :class:`ResidentData`'s for the same seed; the values agree up to float rounding (the
+  preparation is compiled apart from the train step). Validation is always resident.
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from unet_jax import augment
 
@@ -72,20 +76,34 @@ class SplitData:
     def __post_init__(self):
         n = self.images.shape[0]
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 (N,H,W,C), got {self.images.dtype} {self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 (N,H,W,C), got {self.images.dtype} {self.images.shape}"
+            )
         if self.masks.shape != self.images.shape[:3] + (1,):
             raise ValueError(f"masks shape {self.masks.shape} != {self.images.shape[:3] + (1,)}")
         if self.volume.shape != (n,) or self.slice_index.shape != (n,):
             raise ValueError("volume and slice_index must have one entry per slice")
         p = len(self.patients)
         if self.mean.shape != (p, self.images.shape[-1]) or self.std.shape != self.mean.shape:
-            raise ValueError(f"mean/std must be (patients, channels) = {(p, self.images.shape[-1])}")
+            raise ValueError(
+                f"mean/std must be (patients, channels) = {(p, self.images.shape[-1])}"
+            )
         if n and (self.volume.min() < 0 or self.volume.max() >= p):
             raise ValueError("volume indices out of range")
-        if not np.all(np.isfinite(self.mean)) or not np.all(np.isfinite(self.std)) or np.any(self.std <= 0):
-            bad = [self.patients[i] for i in range(p)
-                   if not (np.all(np.isfinite(self.mean[i])) and np.all(np.isfinite(self.std[i]))
-                           and np.all(self.std[i] > 0))]
+        if (
+            not np.all(np.isfinite(self.mean))
+            or not np.all(np.isfinite(self.std))
+            or np.any(self.std <= 0)
+        ):
+            bad = [
+                self.patients[i]
+                for i in range(p)
+                if not (
+                    np.all(np.isfinite(self.mean[i]))
+                    and np.all(np.isfinite(self.std[i]))
+                    and np.all(self.std[i] > 0)
+                )
+            ]
             raise ValueError(f"non-finite or non-positive channel statistics for patients {bad}")
 
     @property
@@ -133,14 +151,6 @@ def split_from_records(records: Sequence[dict[str, Any]]) -> SplitData:
     return SplitData(images, masks, volume, slice_index, mean, std, patients)
 
 
-def load_split(name: str, split: str, data_dir: str | None = None) -> SplitData:
-    """Read a TFDS split (``name`` e.g. ``lgg_mri_segmentation/baseline``) without TensorFlow."""
-    import tensorflow_datasets as tfds
-
-    source = tfds.data_source(name, split=split, data_dir=data_dir)
-    return split_from_records([source[i] for i in range(len(source))])
-
-
 def select_patients(data: SplitData, patients: Sequence[str]) -> SplitData:
     """The sub-split of the given patients (in sorted order); unknown ids are an error."""
     missing = sorted(set(patients) - set(data.patients))
@@ -151,19 +161,30 @@ def select_patients(data: SplitData, patients: Sequence[str]) -> SplitData:
     remap = np.full(len(data.patients), -1, np.int32)
     remap[old] = np.arange(len(old), dtype=np.int32)
     rows = np.flatnonzero(np.isin(data.volume, old))
-    return SplitData(data.images[rows], data.masks[rows], remap[data.volume[rows]],
-                     data.slice_index[rows], data.mean[old], data.std[old], tuple(keep_p))
+    return SplitData(
+        data.images[rows],
+        data.masks[rows],
+        remap[data.volume[rows]],
+        data.slice_index[rows],
+        data.mean[old],
+        data.std[old],
+        tuple(keep_p),
+    )
 
 
 def concat(a: SplitData, b: SplitData) -> SplitData:
     """Two splits with disjoint patients as one (e.g. train + validation for k folds)."""
     if set(a.patients) & set(b.patients):
         raise ValueError(f"splits share patients: {sorted(set(a.patients) & set(b.patients))}")
-    merged = SplitData(np.concatenate([a.images, b.images]), np.concatenate([a.masks, b.masks]),
-                       np.concatenate([a.volume, b.volume + len(a.patients)]),
-                       np.concatenate([a.slice_index, b.slice_index]),
-                       np.concatenate([a.mean, b.mean]), np.concatenate([a.std, b.std]),
-                       a.patients + b.patients)
+    merged = SplitData(
+        np.concatenate([a.images, b.images]),
+        np.concatenate([a.masks, b.masks]),
+        np.concatenate([a.volume, b.volume + len(a.patients)]),
+        np.concatenate([a.slice_index, b.slice_index]),
+        np.concatenate([a.mean, b.mean]),
+        np.concatenate([a.std, b.std]),
+        a.patients + b.patients,
+    )
     return select_patients(merged, merged.patients)  # back to sorted patient order
 
 
@@ -183,7 +204,11 @@ def slice_probabilities(data: SplitData) -> np.ndarray:
             raise ValueError(f"patient {data.patients[v]} has no slices")
         a = area[rows]
         total = a.sum()
-        q = np.full(rows.size, 1.0 / rows.size) if total == 0 else (a + total * 0.1 / a.size) / (total * 1.1)
+        q = (
+            np.full(rows.size, 1.0 / rows.size)
+            if total == 0
+            else (a + total * 0.1 / a.size) / (total * 1.1)
+        )
         probs[rows] = q / num_p
     return probs
 
@@ -220,8 +245,10 @@ class SamplerSpec:
         if self.sampling not in ("weighted", "shuffle"):
             raise ValueError(f"sampling must be 'weighted' or 'shuffle', got {self.sampling!r}")
         if self.sampling == "shuffle" and self.batch_size > self.num_examples:
-            raise ValueError(f"batch size {self.batch_size} exceeds the {self.num_examples} examples "
-                             "(an epoch of shuffled batches would be empty)")
+            raise ValueError(
+                f"batch size {self.batch_size} exceeds the {self.num_examples} examples "
+                "(an epoch of shuffled batches would be empty)"
+            )
 
     @property
     def steps_per_epoch(self) -> int:
@@ -229,8 +256,9 @@ class SamplerSpec:
         return max(1, self.num_examples // self.batch_size)
 
 
-def sample_indices(spec: SamplerSpec, key: jax.Array, step: jax.Array,
-                   log_probs: jax.Array | None) -> jax.Array:
+def sample_indices(
+    spec: SamplerSpec, key: jax.Array, step: jax.Array, log_probs: jax.Array | None
+) -> jax.Array:
     """Global indices of the examples of ``step`` (pure, same result on any number of devices)."""
     if spec.sampling == "shuffle":
         epoch = step // spec.steps_per_epoch
@@ -261,8 +289,9 @@ def resize_batch(images: jax.Array, masks: jax.Array, size: int) -> tuple[jax.Ar
     if (h, w) == (size, size):
         return images, masks
     images = jax.image.resize(images, (n, size, size, c), "linear", antialias=True)
-    m = jax.image.resize(masks.astype(jnp.float32), (n, size, size, masks.shape[-1]), "linear",
-                         antialias=True)
+    m = jax.image.resize(
+        masks.astype(jnp.float32), (n, size, size, masks.shape[-1]), "linear", antialias=True
+    )
     return images, (m >= 0.5).astype(masks.dtype)
 
 
@@ -272,8 +301,15 @@ def normalize(images_u8: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Arra
     return (x - mean[:, None, None, :]) / std[:, None, None, :]
 
 
-def prepare_batch(images_u8: jax.Array, masks: jax.Array, mean: jax.Array, std: jax.Array,
-                  key: jax.Array, aug: AugmentSpec, train: bool) -> tuple[jax.Array, jax.Array]:
+def prepare_batch(
+    images_u8: jax.Array,
+    masks: jax.Array,
+    mean: jax.Array,
+    std: jax.Array,
+    key: jax.Array,
+    aug: AugmentSpec,
+    train: bool,
+) -> tuple[jax.Array, jax.Array]:
     """Normalise, resize and (training) augment gathered examples. Pure; runs inside jit."""
     x = normalize(images_u8, mean, std)
     y = masks.astype(jnp.float32)
@@ -282,14 +318,6 @@ def prepare_batch(images_u8: jax.Array, masks: jax.Array, mean: jax.Array, std: 
     if train:
         x, y = augment.augment_batch(key, x, y, aug.scale, aug.angle, aug.flip)
     return x, y
-
-
-class Batches(Protocol):
-    """What the trainer needs from a data source (resident or streaming)."""
-
-    spec: SamplerSpec
-
-    def train_batch(self, key: jax.Array, step: int | jax.Array) -> tuple[jax.Array, jax.Array]: ...
 
 
 class ResidentData:
@@ -301,10 +329,18 @@ class ResidentData:
     :attr:`arrays` themselves. Batches come back sharded over the ``data`` axis.
     """
 
-    def __init__(self, data: SplitData, mesh: Mesh, batch_size: int, sampling: str = "weighted",
-                 aug: AugmentSpec = AugmentSpec()):
+    def __init__(
+        self,
+        data: SplitData,
+        mesh: Mesh,
+        batch_size: int,
+        sampling: str = "weighted",
+        aug: AugmentSpec = AugmentSpec(),
+    ):
         if batch_size % mesh.size:
-            raise ValueError(f"global batch {batch_size} is not divisible by the {mesh.size} devices")
+            raise ValueError(
+                f"global batch {batch_size} is not divisible by the {mesh.size} devices"
+            )
         self.data = data
         self.mesh = mesh
         self.aug = aug
@@ -312,9 +348,16 @@ class ResidentData:
         with np.errstate(divide="ignore"):
             log_probs = np.log(slice_probabilities(data)).astype(np.float32)
         self.arrays = jax.device_put(
-            {"images": data.images, "masks": data.masks, "volume": data.volume,
-             "mean": data.mean, "std": data.std, "log_probs": log_probs},
-            replicated(mesh))
+            {
+                "images": data.images,
+                "masks": data.masks,
+                "volume": data.volume,
+                "mean": data.mean,
+                "std": data.std,
+                "log_probs": log_probs,
+            },
+            replicated(mesh),
+        )
 
     @property
     def num_eval_batches(self) -> int:
@@ -326,24 +369,29 @@ class ResidentData:
         vol = arrays["volume"][idx]
         return arrays["images"][idx], arrays["masks"][idx], arrays["mean"][vol], arrays["std"][vol]
 
-    def indices(self, key: jax.Array, step: int | jax.Array, arrays: dict | None = None) -> jax.Array:
+    def indices(
+        self, key: jax.Array, step: int | jax.Array, arrays: dict | None = None
+    ) -> jax.Array:
         """Global example indices of training step ``step`` (``key``: the sampling key)."""
         arrays = self.arrays if arrays is None else arrays
         return sample_indices(self.spec, key, jnp.asarray(step), arrays["log_probs"])
 
-    def train_batch(self, key: jax.Array, step: int | jax.Array,
-                    arrays: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    def train_batch(
+        self, key: jax.Array, step: int | jax.Array, arrays: dict | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Augmented, normalised training batch of ``step`` (sampling and augmentation keys are
         both derived from ``key`` and ``step``)."""
         arrays = self.arrays if arrays is None else arrays
         sample_key, aug_key = jax.random.split(key)
         idx = self.indices(sample_key, step, arrays)
         images, masks, mean, std = self._gather(arrays, idx)
-        return prepare_batch(images, masks, mean, std, jax.random.fold_in(aug_key, step),
-                             self.aug, train=True)
+        return prepare_batch(
+            images, masks, mean, std, jax.random.fold_in(aug_key, step), self.aug, train=True
+        )
 
-    def eval_batch(self, b: int | jax.Array,
-                   arrays: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def eval_batch(
+        self, b: int | jax.Array, arrays: dict | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Batch ``b`` of all slices in order, padded at the end; returns (images, masks, valid)."""
         arrays = self.arrays if arrays is None else arrays
         bs = self.spec.batch_size
@@ -356,17 +404,29 @@ class ResidentData:
 
 
 class StreamingData:
-    """Same batches as :class:`ResidentData`, read from a random-access source with grain.
+    """:class:`ResidentData`'s training batches (same examples, same augmentation draws), read
+    from a random-access source with grain instead of from device memory.
 
     For data sets larger than the device-memory budget: the host computes each step's indices
     with the same pure sampler, grain reads those records (``source[i]`` -> dict with ``image``,
-    ``mask``, ``channel_mean``, ``channel_std``) with several threads and a prefetch buffer, and
-    the batch is put on the mesh sharded over ``data`` before the same jitted preparation.
+    ``mask``, ``channel_mean``, ``channel_std``) with ``num_threads`` threads, and the batch is
+    put on the mesh sharded over ``data`` and prepared by :func:`prepare_batch`, jitted here on
+    its own (so values match the resident path's up to float rounding). :meth:`iterate` reads
+    the next ``prefetch`` steps ahead on a thread pool. Training only: no evaluation batches.
     """
 
-    def __init__(self, source: Any, index: SplitData, mesh: Mesh, batch_size: int,
-                 sampling: str = "weighted", aug: AugmentSpec = AugmentSpec(),
-                 rows: np.ndarray | None = None, num_threads: int = 8, prefetch: int = 2):
+    def __init__(
+        self,
+        source: Any,
+        index: SplitData,
+        mesh: Mesh,
+        batch_size: int,
+        sampling: str = "weighted",
+        aug: AugmentSpec = AugmentSpec(),
+        rows: np.ndarray | None = None,
+        num_threads: int = 8,
+        prefetch: int = 2,
+    ):
         """``index`` is a SplitData used for its metadata (masks for the sampling weights);
         ``rows[i]`` is the source record of example ``i`` (default: identity)."""
         self.source = source
@@ -379,8 +439,9 @@ class StreamingData:
         self.num_threads = num_threads
         self.prefetch = prefetch
         self._indices = jax.jit(partial(sample_indices, self.spec))
-        self._prepare = jax.jit(partial(prepare_batch, aug=aug, train=True),
-                                out_shardings=batch_sharded(mesh))
+        self._prepare = jax.jit(
+            partial(prepare_batch, aug=aug, train=True), out_shardings=batch_sharded(mesh)
+        )
 
     def indices(self, key: jax.Array, step: int) -> jax.Array:
         return self._indices(key, jnp.asarray(step), self.log_probs)
@@ -389,11 +450,14 @@ class StreamingData:
         import grain
 
         ds = grain.MapDataset.source([int(self.rows[i]) for i in idx]).map(lambda r: self.source[r])
-        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.num_threads,
-                                                  prefetch_buffer_size=len(idx)))
+        it = ds.to_iter_dataset(
+            grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=len(idx))
+        )
         recs = list(it)
         images = np.stack([np.asarray(r["image"], np.uint8) for r in recs])
-        masks = np.stack([np.asarray(r["mask"], np.uint8).reshape(images.shape[1:3] + (1,)) for r in recs])
+        masks = np.stack(
+            [np.asarray(r["mask"], np.uint8).reshape(images.shape[1:3] + (1,)) for r in recs]
+        )
         mean = np.stack([np.asarray(r["channel_mean"], np.float32) for r in recs])
         std = np.stack([np.asarray(r["channel_std"], np.float32) for r in recs])
         return images, masks, mean, std
@@ -405,13 +469,17 @@ class StreamingData:
         arrays = [jax.device_put(a, shard) for a in self._read(idx)]
         return self._prepare(*arrays, jax.random.fold_in(aug_key, step))
 
-    def iterate(self, key: jax.Array, start: int, stop: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+    def iterate(
+        self, key: jax.Array, start: int, stop: int
+    ) -> Iterator[tuple[jax.Array, jax.Array]]:
         """Batches of steps ``start..stop-1``, the next one read while the current one is used."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=max(1, self.prefetch)) as pool:
-            pending = [pool.submit(self.train_batch, key, s)
-                       for s in range(start, min(stop, start + self.prefetch))]
+            pending = [
+                pool.submit(self.train_batch, key, s)
+                for s in range(start, min(stop, start + self.prefetch))
+            ]
             for s in range(start, stop):
                 batch = pending.pop(0).result()
                 nxt = s + self.prefetch

@@ -6,6 +6,7 @@ imports the builder, so dependencies point one way (``datasets/`` -> ``unet_jax`
 - the stored slice size and the ``data.csv`` fields kept as features;
 - slice file names (``<volume>_<number>[_mask]``) and hidden entries to skip;
 - the patient-level splits: the baseline's 10-patient holdout and deterministic k folds.
+- where to get the data: :data:`MANUAL_DOWNLOAD_INSTRUCTIONS`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ MISSING = -1
 #: The baseline's validation holdout: random.seed(42); random.sample(sorted(patients), k=10).
 HOLDOUT_SEED = 42
 HOLDOUT_SIZE = 10
+
+#: What to download and where to put it; repeated by every "data not found" error.
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Download the "Brain MRI segmentation" data set (LGG, 110 patients, folder kaggle_3m) from Kaggle:
+  https://www.kaggle.com/datasets/mateuszbuda/lgg-mri-segmentation
+(the "Download" button gives a zip archive, usually named archive.zip; or run
+`kaggle datasets download mateuszbuda/lgg-mri-segmentation`). Then put ONE of these in the manual
+directory (the --manual_dir you pass, by default <data_dir>/downloads/manual/):
+  - the zip archive itself, as downloaded (it is read in place, nothing is unpacked);
+  - the unpacked archive (kaggle_3m/ and lgg-mri-segmentation/kaggle_3m/; each slice is read once);
+  - a bare kaggle_3m/ folder: kaggle_3m/data.csv and kaggle_3m/TCGA_<inst>_<id>_<date>/ patient
+    folders holding TCGA_..._<N>.tif images and TCGA_..._<N>_mask.tif masks.
+The manual directory may also be the kaggle_3m folder itself.
+"""
 
 #: Suffix of a mask's file stem: ``TCGA_CS_4941_19960909_12_mask.tif`` masks slice 12.
 MASK_SUFFIX = "_mask"

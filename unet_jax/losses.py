@@ -18,8 +18,9 @@ def _example_weights(weights: jax.Array | None, n: int, ndim: int) -> jax.Array:
     return w.reshape((n,) + (1,) * (ndim - 1))
 
 
-def dice_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
-              smooth: float = 1.0) -> jax.Array:
+def dice_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None, smooth: float = 1.0
+) -> jax.Array:
     """The baseline's Dice loss over the whole batch as one vector (scalar)."""
     p = jax.nn.sigmoid(logits.astype(jnp.float32))
     y = labels.astype(jnp.float32)
@@ -47,8 +48,9 @@ def bce_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = N
     return jnp.sum(x * per_pixel_weight) / jnp.maximum(jnp.sum(per_pixel_weight), 1.0)
 
 
-def bce_dice_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None,
-                  smooth: float = 1.0) -> jax.Array:
+def bce_dice_loss(
+    logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None, smooth: float = 1.0
+) -> jax.Array:
     """BCE + the baseline's Dice loss (equal weights)."""
     return bce_loss(logits, labels, weights) + dice_loss(logits, labels, weights, smooth)
 

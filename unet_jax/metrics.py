@@ -80,9 +80,14 @@ def recall(pred: np.ndarray, truth: np.ndarray) -> float:
 def counted_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """``dsc``, ``accuracy``, ``precision``, ``recall`` and pixel counts from one counting pass."""
     tp, fp, fn, tn = _counts(pred, truth)
-    return {"dsc": _dsc(tp, fp, fn), "accuracy": _accuracy(tp, fp, fn, tn),
-            "precision": _precision(tp, fp), "recall": _recall(tp, fn),
-            "true_pixels": tp + fn, "pred_pixels": tp + fp}
+    return {
+        "dsc": _dsc(tp, fp, fn),
+        "accuracy": _accuracy(tp, fp, fn, tn),
+        "precision": _precision(tp, fp),
+        "recall": _recall(tp, fn),
+        "true_pixels": tp + fn,
+        "pred_pixels": tp + fp,
+    }
 
 
 def largest_connected_component(volume: np.ndarray) -> np.ndarray:
@@ -110,6 +115,9 @@ def volume_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     if pred.ndim == 4:
         pred, truth = pred[..., 0], truth[..., 0]
     raw = counted_metrics(pred, truth)
-    return {"slices": int(pred.shape[0]), "dsc": raw["dsc"],
-            "dsc_lcc": dsc(largest_connected_component(pred), truth),
-            **{k: raw[k] for k in ("accuracy", "precision", "recall", "true_pixels", "pred_pixels")}}
+    return {
+        "slices": int(pred.shape[0]),
+        "dsc": raw["dsc"],
+        "dsc_lcc": dsc(largest_connected_component(pred), truth),
+        **{k: raw[k] for k in ("accuracy", "precision", "recall", "true_pixels", "pred_pixels")},
+    }

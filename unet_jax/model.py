@@ -1,6 +1,6 @@
 """The baseline's U-Net in Flax NNX.
 
-Architecture (REFERENCE.md): 4 down / 4 up levels with ``features * (1, 2, 4, 8)`` channels and a
+Architecture (the baseline's, brain-segmentation-pytorch): 4 down / 4 up levels with ``features * (1, 2, 4, 8)`` channels and a
 ``16 * features`` bottleneck; each block is 2 x (3x3 conv, no bias -> BatchNorm -> ReLU); 2x2 max
 pool down; 2x2 stride-2 transposed conv (with bias) up; skips concatenated as (upsampled, encoder);
 a final 1x1 conv with bias. Inputs are NHWC; the output is **logits** (apply ``jax.nn.sigmoid``
@@ -48,8 +48,9 @@ class BatchNorm(nnx.Module):
     Statistics are computed in float32 whatever the compute dtype.
     """
 
-    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
-                 dtype=jnp.float32):
+    def __init__(
+        self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5, dtype=jnp.float32
+    ):
         self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
         self.running_mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
@@ -81,13 +82,27 @@ class ConvBlock(nnx.Module):
     """2 x (3x3 conv without bias -> BatchNorm -> ReLU)."""
 
     def __init__(self, in_channels: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(in_channels, features, (3, 3), padding=((1, 1), (1, 1)),
-                              use_bias=False, dtype=dtype, kernel_init=_torch_kernel_init,
-                              rngs=rngs)
+        self.conv1 = nnx.Conv(
+            in_channels,
+            features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=_torch_kernel_init,
+            rngs=rngs,
+        )
         self.norm1 = BatchNorm(features, dtype=dtype)
-        self.conv2 = nnx.Conv(features, features, (3, 3), padding=((1, 1), (1, 1)),
-                              use_bias=False, dtype=dtype, kernel_init=_torch_kernel_init,
-                              rngs=rngs)
+        self.conv2 = nnx.Conv(
+            features,
+            features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=_torch_kernel_init,
+            rngs=rngs,
+        )
         self.norm2 = BatchNorm(features, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -107,7 +122,9 @@ class UpConv(nnx.Module):
         fan_in = out_channels * 4
         bound = 1.0 / math.sqrt(fan_in)
         shape = (in_channels, 2, 2, out_channels)
-        self.kernel = nnx.Param(jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound))
+        self.kernel = nnx.Param(
+            jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+        )
         self.bias = nnx.Param(_torch_bias_init(fan_in)(rngs.params(), (out_channels,)))
         self.dtype = dtype
 
@@ -151,8 +168,15 @@ class UNet(nnx.Module):
       rngs: parameter initialisation keys.
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 1, features: int = 32, *,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        features: int = 32,
+        *,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         f = features
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -171,9 +195,16 @@ class UNet(nnx.Module):
         self.decoder2 = ConvBlock(4 * f, 2 * f, dtype=dtype, rngs=rngs)
         self.upconv1 = UpConv(2 * f, f, dtype=dtype, rngs=rngs)
         self.decoder1 = ConvBlock(2 * f, f, dtype=dtype, rngs=rngs)
-        self.conv = nnx.Conv(f, out_channels, (1, 1), use_bias=True, dtype=dtype,
-                             kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(f),
-                             rngs=rngs)
+        self.conv = nnx.Conv(
+            f,
+            out_channels,
+            (1, 1),
+            use_bias=True,
+            dtype=dtype,
+            kernel_init=_torch_kernel_init,
+            bias_init=_torch_bias_init(f),
+            rngs=rngs,
+        )
 
     def _check_input(self, x: jax.Array) -> None:
         if x.ndim != 4:
@@ -182,10 +213,12 @@ class UNet(nnx.Module):
         if c != self.in_channels:
             raise ValueError(
                 f"UNet was built for {self.in_channels} input channels, got {c} (shape {x.shape}); "
-                "inputs are NHWC")
+                "inputs are NHWC"
+            )
         if h % 16 or w % 16:
             raise ValueError(
-                f"UNet needs height and width divisible by 16 (4 poolings), got {h}x{w}")
+                f"UNet needs height and width divisible by 16 (4 poolings), got {h}x{w}"
+            )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """NHWC images -> NHWC float32 logits of the same height and width."""

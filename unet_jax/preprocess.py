@@ -1,4 +1,12 @@
-"""The baseline's per-volume preprocessing (brain-segmentation-pytorch), in NumPy, with its geometry.
+"""A volume as the model's data set stores it, and a prediction mapped back onto its slices.
+
+The one entry point is :func:`prepare_volume`, for both data-set configs; its inverse is
+:func:`restore_prediction`. The builder and ``unet_jax.predict`` both go through them, so the
+stored form and the way back agree by construction (as nnU-Net's preprocessor and export).
+
+- ``raw``: the slices as stored (uint8), each volume standardised by its own channel mean and
+  std of ``image / 255`` (:func:`channel_stats_uint8`); the geometry is the identity.
+- ``baseline``: the baseline's per-volume preprocessing (brain-segmentation-pytorch), below.
 
 Per patient volume of slices (images ``(N, H, W, 3)`` uint8, masks ``(N, H, W)`` uint8 0/255), the
 baseline does, in this order:
@@ -6,10 +14,11 @@ baseline does, in this order:
 1. drop the first and the last slice;
 2. threshold: set every value below 10 % of the volume's maximum to 0 (kept in the output);
 3. crop to the smallest z/y/x box holding a non-zero value (of any channel) after the threshold;
-4. pad the shorter in-plane axis with zeros to a square (``floor(d/2)`` before, ``ceil(d/2)`` after);
-5. resize each slice to ``size x size`` like ``skimage.transform.resize(..., mode="constant", cval=0,
-   anti_aliasing=False)``: an order-2 spline for the images (converted to float in [0, 1] first,
-   output clipped to the input's range), nearest neighbour (order 0) for the masks;
+4. pad the shorter in-plane axis with zeros to a square (``floor(d/2)`` before, ``ceil(d/2)``
+   after);
+5. resize each slice to ``size x size`` like ``skimage.transform.resize(..., mode="constant",
+   cval=0, anti_aliasing=False)``: an order-2 spline for the images (converted to float in
+   [0, 1] first, output clipped to the input's range), nearest neighbour (order 0) for the masks;
 6. rescale intensities: ``clip((v - p10) / (p99 - p10), 0, 1)`` with the 10th and 99th percentiles
    of the whole volume (``skimage.exposure.rescale_intensity(v, in_range=(p10, p99))``);
 7. standardise each channel by the volume's mean and standard deviation.
@@ -20,7 +29,7 @@ channels. A spline interpolation is a tensor product of 1D operators and, with `
 along an axis of scale 1 it is the identity. So the resize equals two matrix products per slice
 and channel, ``M_y @ slice @ M_x.T``, whose ``(size, n)`` matrices are the 1D zoom of the identity
 (:func:`zoom_matrix`). That matches skimage's result up to float rounding (about 1e-15) and is
-tens of times faster than the 3D zoom the baseline runs (12 minutes for the data set).
+tens of times faster than the 3D zoom the baseline runs.
 
 Storage: :func:`preprocess_volume` returns the rescaled intensities ``r`` of step 6 quantised to
 uint8 (``rint(255 * r)``) plus the per-channel mean and std of the *unquantised* ``r`` (float32),
@@ -28,18 +37,23 @@ so that ``(image / 255 - mean) / std`` reproduces step 7 up to the quantisation 
 (at most ``0.5 / 255 / std`` in standardised units; see the data set's README for measurements).
 
 :class:`VolumeGeometry` records what was kept (z range, crop box, padding, output size), and
-:func:`restore_prediction` maps a ``size x size`` prediction back onto the original slices.
+:func:`restore_prediction` maps a prediction, at the stored size or the model's, back onto the
+original slices (nearest neighbour; :func:`resize_masks` is its in-plane building block).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
+from unet_jax.lgg import SLICE_SIZE
+
 __all__ = [
+    "MODES",
     "THRESHOLD_FRACTION",
     "VolumeGeometry",
     "PreprocessedVolume",
@@ -58,8 +72,13 @@ __all__ = [
     "preprocess_volume",
     "preprocess_images",
     "standardise",
+    "prepare_volume",
     "restore_prediction",
 ]
+
+#: The data-set configs (``Config.dataset_config``): how a volume is stored for the model.
+MODES = ("baseline", "raw")
+Mode = Literal["baseline", "raw"]
 
 #: Values below this fraction of the volume's maximum are set to 0 (step 2).
 THRESHOLD_FRACTION = 0.1
@@ -76,7 +95,8 @@ class VolumeGeometry:
         (0-based indices into the original, sorted volume; slice number ``z + 1``).
       crop_box: ``(y0, y1, x0, x1)``, half-open, in original pixel coordinates.
       padding: ``(top, bottom, left, right)`` zero rows/columns added to the crop to make it square.
-      out_size: side of the preprocessed slices.
+      out_size: side the (square, padded) crop was resized to; ``None`` when the slices are
+        stored in their own size (``raw``: the identity geometry).
     """
 
     num_slices: int
@@ -84,14 +104,25 @@ class VolumeGeometry:
     z_range: tuple[int, int]
     crop_box: tuple[int, int, int, int]
     padding: tuple[int, int, int, int]
-    out_size: int
+    out_size: int | None
+
+    @classmethod
+    def identity(cls, num_slices: int, in_shape: tuple[int, int]) -> VolumeGeometry:
+        """Every slice kept whole and not resized (the ``raw`` config)."""
+        h, w = in_shape
+        return cls(num_slices, (h, w), (0, num_slices), (0, h, 0, w), (0, 0, 0, 0), None)
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the padded crop: the field of view of a stored slice."""
+        y0, y1, x0, x1 = self.crop_box
+        top, bottom, left, right = self.padding
+        return y1 - y0 + top + bottom, x1 - x0 + left + right
 
     @property
     def square_size(self) -> int:
         """Side of the padded square crop (before resizing to ``out_size``)."""
-        y0, y1, _, _ = self.crop_box
-        top, bottom, _, _ = self.padding
-        return y1 - y0 + top + bottom
+        return self.padded_shape[0]
 
     @property
     def num_kept(self) -> int:
@@ -101,13 +132,16 @@ class VolumeGeometry:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessedVolume:
-    """A volume preprocessed like the baseline, in the stored (quantised) form.
+    """A volume in the stored form (see :func:`prepare_volume`).
 
     Attributes:
-      image: ``(Z, S, S, 3)`` uint8, ``rint(255 * r)`` with ``r`` in [0, 1] the rescaled intensity.
-      mask: ``(Z, S, S)`` uint8 in {0, 1}, or ``None`` when no masks were given.
-      channel_mean: ``(3,)`` float32, per-channel mean of the unquantised ``r`` over the volume.
-      channel_std: ``(3,)`` float32, per-channel std of the unquantised ``r`` over the volume.
+      image: ``(Z, S, S, 3)`` uint8; ``baseline``: ``rint(255 * r)`` with ``r`` in [0, 1] the
+        rescaled intensity; ``raw``: the slices as given, ``(Z, H, W, 3)``.
+      mask: ``(Z, S, S)`` (``raw``: ``(Z, H, W)``) uint8 in {0, 1}, or ``None`` when no masks
+        were given.
+      channel_mean: ``(3,)`` float32, per-channel mean over the volume of the unquantised ``r``
+        (``raw``: of ``image / 255``).
+      channel_std: ``(3,)`` float32, the same for the standard deviation.
       geometry: where the slices come from.
     """
 
@@ -187,8 +221,12 @@ def _nearest_indices_cached(n_in: int, n_out: int) -> np.ndarray:
     # Order-0 zoom of 1..n_in gives, for each output sample, 1 + the source index that
     # ndimage picks (0 where it falls outside): ndimage's own rounding, exactly.
     src = ndimage.zoom(
-        np.arange(1, n_in + 1, dtype=np.float64), n_out / n_in, order=0,
-        mode="grid-constant", cval=0.0, grid_mode=True,
+        np.arange(1, n_in + 1, dtype=np.float64),
+        n_out / n_in,
+        order=0,
+        mode="grid-constant",
+        cval=0.0,
+        grid_mode=True,
     )
     out = np.rint(src).astype(np.int64) - 1
     out.setflags(write=False)
@@ -260,12 +298,13 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out
 
 
-def rescale_percentiles(volume: np.ndarray, low: float = 10.0, high: float = 99.0, *,
-                        inplace: bool = False) -> np.ndarray:
+def rescale_percentiles(
+    volume: np.ndarray, low: float = 10.0, high: float = 99.0, *, inplace: bool = False
+) -> np.ndarray:
     """``skimage.exposure.rescale_intensity(volume, in_range=(p_low, p_high))`` for volume >= 0.
 
-    The percentiles are taken over the whole volume (all channels). Returns float64 in [0, 1]; with ``inplace=True`` it overwrites ``volume`` (float64)
-    instead of allocating a copy.
+    The percentiles are taken over the whole volume (all channels). Returns float64 in [0, 1];
+    with ``inplace=True`` it overwrites ``volume`` (float64) instead of allocating a copy.
     """
     p_lo, p_hi = np.percentile(volume, [low, high])
     out = volume if inplace else np.empty(volume.shape, np.float64)
@@ -311,13 +350,15 @@ def _channel_stats_channels_first(r: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def baseline_geometry(
-    images: np.ndarray, *, size: int = 256, drop_ends: bool = True
+    images: np.ndarray, *, size: int = SLICE_SIZE, drop_ends: bool = True
 ) -> VolumeGeometry:
     """The geometry the baseline's preprocessing keeps for ``images`` (``(N, H, W, 3)`` uint8)."""
     return _geometry(images, size=size, drop_ends=drop_ends)[0]
 
 
-def _geometry(images: np.ndarray, *, size: int, drop_ends: bool) -> tuple[VolumeGeometry, np.ndarray]:
+def _geometry(
+    images: np.ndarray, *, size: int, drop_ends: bool
+) -> tuple[VolumeGeometry, np.ndarray]:
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (N, H, W, C), got {images.shape}")
     n, h, w, _ = images.shape
@@ -353,8 +394,9 @@ def _preprocess_channels_first(
     if images.dtype != np.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
     geometry, cropped = _geometry(images, size=size, drop_ends=drop_ends)
-    r = rescale_percentiles(_resize_channels_first(_pad(cropped, geometry.padding), size),
-                            inplace=True)
+    r = rescale_percentiles(
+        _resize_channels_first(_pad(cropped, geometry.padding), size), inplace=True
+    )
     mask_out = None
     if masks is not None:
         masks = np.asarray(masks)
@@ -370,7 +412,7 @@ def preprocess_volume_float(
     images: np.ndarray,
     masks: np.ndarray | None = None,
     *,
-    size: int = 256,
+    size: int = SLICE_SIZE,
     drop_ends: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, VolumeGeometry]:
     """Steps 1-6 in float64: the baseline's rescaled intensities before standardisation.
@@ -393,7 +435,7 @@ def preprocess_volume(
     images: np.ndarray,
     masks: np.ndarray | None = None,
     *,
-    size: int = 256,
+    size: int = SLICE_SIZE,
     drop_ends: bool = True,
 ) -> PreprocessedVolume:
     """The baseline's preprocessing of one volume, in the stored form (see the module docstring).
@@ -401,7 +443,7 @@ def preprocess_volume(
     Args:
       images: ``(N, H, W, 3)`` uint8, slices sorted by slice number.
       masks: ``(N, H, W)`` uint8 (0/255 or 0/1), or ``None`` (inference).
-      size: output side (the baseline uses 256).
+      size: output side (the baseline's is :data:`unet_jax.lgg.SLICE_SIZE`).
       drop_ends: drop the first and last slice (the baseline does).
 
     Returns:
@@ -427,7 +469,7 @@ def preprocess_volume(
 
 
 def preprocess_images(
-    images: np.ndarray, *, size: int = 256, drop_ends: bool = True
+    images: np.ndarray, *, size: int = SLICE_SIZE, drop_ends: bool = True
 ) -> PreprocessedVolume:
     """Preprocess a volume given only its images (inference); ``mask`` of the result is None."""
     return preprocess_volume(images, None, size=size, drop_ends=drop_ends)
@@ -444,35 +486,85 @@ def standardise(image: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndar
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def restore_prediction(prediction: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
-    """Map a prediction on the preprocessed slices back onto the original volume.
-
-    The inverse of the geometric steps, with nearest-neighbour resampling: each preprocessed
-    slice is resized from ``out_size`` to the padded square (the same order-0 rule as the mask
-    resize), the padding is removed, and the result is placed in the crop box; pixels outside the
-    crop box and slices outside ``z_range`` (the dropped ends, empty slices) are 0.
+def prepare_volume(
+    images: np.ndarray,
+    masks: np.ndarray | None = None,
+    mode: Mode = "baseline",
+    *,
+    size: int = SLICE_SIZE,
+    drop_ends: bool = True,
+) -> PreprocessedVolume:
+    """A volume as the model's data set stores it, for either data-set config.
 
     Args:
-      prediction: ``(Z, out_size, out_size)`` or ``(Z, out_size, out_size, K)`` (any dtype, e.g.
-        a binary mask or probabilities), ``Z == geometry.num_kept``.
-      geometry: from :func:`preprocess_volume` or :func:`baseline_geometry`.
+      images: ``(N, H, W, 3)`` uint8, slices sorted by slice number.
+      masks: ``(N, H, W)`` uint8 (0/255 or 0/1, any non-zero value is lesion), or ``None``.
+      mode: ``"baseline"`` (:func:`preprocess_volume`) or ``"raw"`` (the slices as given, the
+        volume's channel statistics of ``image / 255``, the identity geometry).
+      size: ``baseline``: output side.
+      drop_ends: ``baseline``: drop the first and last slice (the baseline does).
+
+    Raises:
+      ValueError: for an unknown mode, and as :func:`preprocess_volume`.
+    """
+    if mode == "baseline":
+        return preprocess_volume(images, masks, size=size, drop_ends=drop_ends)
+    if mode != "raw":
+        raise ValueError(f"unknown mode {mode!r} (expected one of {', '.join(MODES)})")
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 images of shape (N, H, W, C), got {images.dtype} {images.shape}"
+        )
+    mask = None
+    if masks is not None:
+        masks = np.asarray(masks)
+        if masks.shape != images.shape[:3]:
+            raise ValueError(f"masks {masks.shape} do not match images {images.shape}")
+        mask = (masks > 0).astype(np.uint8)
+    mean, std = channel_stats_uint8(images)
+    return PreprocessedVolume(
+        image=images,
+        mask=mask,
+        channel_mean=mean.astype(np.float32),
+        channel_std=std.astype(np.float32),
+        geometry=VolumeGeometry.identity(images.shape[0], images.shape[1:3]),
+    )
+
+
+def restore_prediction(prediction: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+    """Map a prediction on the stored slices back onto the original volume (the inverse of
+    :func:`prepare_volume`'s geometry).
+
+    Each predicted slice covers a stored slice's field of view (the padded crop), at the stored
+    size or at the model's (the model sees the stored slices resized): it is resized to the
+    padded crop by nearest neighbour (the order-0 rule of the mask resize, as
+    :func:`resize_masks`), the padding is removed, and the result is placed in the crop box;
+    pixels outside the crop box and slices outside ``z_range`` (the dropped ends, empty
+    slices) are 0.
+
+    Args:
+      prediction: ``(Z, h, w)`` or ``(Z, h, w, K)`` (any dtype, e.g. a binary mask or
+        probabilities), ``Z == geometry.num_kept``.
+      geometry: from :func:`prepare_volume` (or :func:`baseline_geometry`).
 
     Returns:
       ``(num_slices, H, W[, K])`` in the dtype of ``prediction``.
     """
     prediction = np.asarray(prediction)
-    expected = (geometry.num_kept, geometry.out_size, geometry.out_size)
-    if prediction.shape[:3] != expected:
-        raise ValueError(f"prediction has shape {prediction.shape}, expected {expected}[+(K,)]")
-    side = geometry.square_size
-    # One index map serves both axes (the square is resized alike in y and x).
-    idx = nearest_indices(geometry.out_size, side)
-    if (idx < 0).any():  # cannot happen for an upscale or downscale within the grid; be explicit
+    if prediction.ndim < 3 or prediction.shape[0] != geometry.num_kept:
+        raise ValueError(
+            f"prediction has shape {prediction.shape}, expected ({geometry.num_kept}, h, w)[+(K,)]"
+        )
+    side_y, side_x = geometry.padded_shape
+    iy = nearest_indices(prediction.shape[1], side_y)
+    ix = nearest_indices(prediction.shape[2], side_x)
+    if (iy < 0).any() or (ix < 0).any():  # cannot happen for a resize within the grid
         raise ValueError("nearest-neighbour mapping fell outside the prediction")
     top, bottom, left, right = geometry.padding
     y0, y1, x0, x1 = geometry.crop_box
-    # Gather only the rows and columns inside the padding, not the whole square.
-    crop = prediction[:, idx[top : side - bottom]][:, :, idx[left : side - right]]
+    # Gather only the rows and columns inside the padding, not the whole padded crop.
+    crop = prediction[:, iy[top : side_y - bottom]][:, :, ix[left : side_x - right]]
     h, w = geometry.in_shape
     out = np.zeros((geometry.num_slices, h, w) + prediction.shape[3:], prediction.dtype)
     z0, z1 = geometry.z_range

@@ -1,4 +1,5 @@
-"""A seeded generator of small, synthetic data sets in the layout of the Kaggle LGG download.
+"""The project's synthetic data: seeded look-alikes of the Kaggle LGG download, on disk or in
+memory.
 
 The real data (110 patients of brain MR slices, ``kaggle_3m``) may not be redistributed with the
 project, so tests and the ``smoke`` experiment use look-alike data written by
@@ -19,6 +20,19 @@ poles, like the real volumes whose end slices hold little or no brain.
 The builder of the TFDS data set (``datasets/lgg_mri_segmentation``) requires 256x256 slices, as
 in the real download; smaller ``size`` values are for fast tests of code that does not go through
 it (e.g. ``unet_jax.preprocess``).
+
+In memory, as a :class:`unet_jax.input_pipeline.SplitData` (no files, no TFDS), two simpler kinds
+whose content is cheap to draw:
+
+- :func:`disc_split`: uniform noise inside a disc ("brain") with disc lesions bright in FLAIR in
+  the middle half of every volume, at full size by default. For timing (the benchmarks): the work
+  per example of the pipelines does not depend on the content.
+- :func:`blob_split`: small noisy slices with a bright FLAIR disc on every slice but the first and
+  last. For tests that train: a 4-feature U-Net learns it within a few hundred steps, and their
+  thresholds were set on exactly this data.
+
+Both assemble their volumes with :func:`split_from_volumes`, which computes the per-volume channel
+statistics as the data set builder does.
 """
 
 from __future__ import annotations
@@ -26,23 +40,51 @@ from __future__ import annotations
 import csv
 import io
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-
-from datasets.lgg_mri_segmentation.kaggle import CSV_FIELDS
 from PIL import Image
 
-__all__ = ["CSV_HEADER", "write_synthetic_kaggle3m", "synthetic_volume"]
+from unet_jax.lgg import CSV_FIELDS
+
+if TYPE_CHECKING:  # input_pipeline imports JAX; the kaggle_3m writer must not need it
+    from unet_jax.input_pipeline import SplitData
+
+__all__ = [
+    "CSV_HEADER",
+    "blob_split",
+    "blob_volume",
+    "disc_split",
+    "disc_volume",
+    "split_from_volumes",
+    "synthetic_volume",
+    "write_synthetic_kaggle3m",
+]
 
 #: The header of the real ``data.csv``, in its order (the builder's fields after ``Patient``).
 CSV_HEADER: tuple[str, ...] = ("Patient",) + CSV_FIELDS
 
 # Inclusive value ranges of the integer codes in the real data.csv (same order as CSV_HEADER[1:]).
 _CSV_RANGES: tuple[tuple[int, int], ...] = (
-    (1, 4), (1, 5), (1, 4), (1, 3), (1, 4), (1, 3), (1, 3), (1, 3), (1, 2), (1, 1),
-    (1, 3), (1, 6), (1, 2), (20, 75), (1, 3), (1, 2), (0, 1),
+    (1, 4),
+    (1, 5),
+    (1, 4),
+    (1, 3),
+    (1, 4),
+    (1, 3),
+    (1, 3),
+    (1, 3),
+    (1, 2),
+    (1, 1),
+    (1, 3),
+    (1, 6),
+    (1, 2),
+    (20, 75),
+    (1, 3),
+    (1, 2),
+    (0, 1),
 )
 _INSTITUTIONS = ("CS", "DU", "EZ", "FG", "HT")
 
@@ -146,7 +188,9 @@ def _upsample3(coarse: np.ndarray, num_slices: int, size: int) -> np.ndarray:
     return np.einsum("Xx,ZYxc->ZYXc", ax, small, optimize=True)
 
 
-def _csv_rows(rng: np.random.Generator, patients: list[str], missing_rate: float) -> list[list[str]]:
+def _csv_rows(
+    rng: np.random.Generator, patients: list[str], missing_rate: float
+) -> list[list[str]]:
     rows = []
     for folder in sorted(patients):
         row = [folder.rsplit("_", 1)[0]]
@@ -250,3 +294,91 @@ def write_synthetic_kaggle3m(
             (base / rel).write_bytes(data)
         (base / "data.csv").write_bytes(csv_bytes[style])
     return root / "kaggle_3m"
+
+
+# ----------------------------------------------------------------------------- in-memory splits
+
+
+def disc_volume(
+    rng: np.random.Generator, num_slices: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One volume of :func:`disc_split`: ``(images (Z, size, size, 3) uint8, masks (Z, size, size)
+    uint8 in {0, 1})``; lesions on slices ``Z // 4`` to ``3 Z // 4`` (at least one slice)."""
+    yy, xx = np.mgrid[:size, :size]
+    brain = ((yy - size / 2) ** 2 + (xx - size / 2) ** 2) < (0.4 * size) ** 2
+    images = rng.integers(0, 160, (num_slices, size, size, 3), dtype=np.uint8)
+    images *= brain[None, :, :, None]
+    masks = np.zeros((num_slices, size, size), np.uint8)
+    cy, cx = rng.uniform(0.35, 0.65, 2) * size
+    for z in range(num_slices // 4, max(num_slices // 4 + 1, 3 * num_slices // 4)):
+        r = size * rng.uniform(0.04, 0.12)
+        lesion = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+        masks[z] = lesion
+        images[z, ..., 1] = np.where(lesion, 230, images[z, ..., 1])
+    return images, masks
+
+
+def blob_volume(
+    rng: np.random.RandomState, num_slices: int, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One volume of :func:`blob_split`: ``(images (Z, size, size, 3) uint8, masks (Z, size, size)
+    uint8 in {0, 1})``; a disc of radius ``size / 8 + z % 3`` on every slice but the end ones."""
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.randint(size // 4, 3 * size // 4, 2)
+    images = np.empty((num_slices, size, size, 3), np.uint8)
+    masks = np.zeros((num_slices, size, size), np.uint8)
+    for z in range(num_slices):
+        images[z] = rng.randint(20, 90, (size, size, 3))
+        if 0 < z < num_slices - 1:
+            r = size / 8 + z % 3
+            masks[z] = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
+            images[z, ..., 1] = np.where(masks[z] > 0, 220, images[z, ..., 1])
+    return images, masks
+
+
+def split_from_volumes(
+    volumes: Sequence[tuple[np.ndarray, np.ndarray]], patients: Sequence[str]
+) -> SplitData:
+    """A SplitData of whole volumes, one per patient, slices numbered from 1.
+
+    Args:
+      volumes: ``(images (Z, H, W, C) uint8, masks (Z, H, W) nonzero = lesion)`` per patient.
+      patients: the patient ids, in the order of ``volumes``.
+    """
+    from unet_jax.input_pipeline import SplitData
+    from unet_jax.preprocess import channel_stats_uint8
+
+    if len(volumes) != len(patients):
+        raise ValueError(f"{len(volumes)} volumes for {len(patients)} patients")
+    stats = [channel_stats_uint8(images) for images, _ in volumes]
+    return SplitData(
+        images=np.concatenate([images for images, _ in volumes]),
+        masks=np.concatenate([(masks > 0).astype(np.uint8) for _, masks in volumes])[..., None],
+        volume=np.concatenate(
+            [np.full(len(images), p, np.int32) for p, (images, _) in enumerate(volumes)]
+        ),
+        slice_index=np.concatenate(
+            [np.arange(1, len(images) + 1, dtype=np.int32) for images, _ in volumes]
+        ),
+        mean=np.array([mean for mean, _ in stats], np.float32),
+        std=np.array([std for _, std in stats], np.float32),
+        patients=tuple(patients),
+    )
+
+
+def disc_split(
+    num_patients: int = 100, slices: int = 33, size: int = 256, seed: int = 0
+) -> SplitData:
+    """``num_patients`` volumes of :func:`disc_volume` (patients ``SYNTH_000``, ...)."""
+    rng = np.random.default_rng(seed)
+    volumes = [disc_volume(rng, slices, size) for _ in range(num_patients)]
+    return split_from_volumes(volumes, [f"SYNTH_{p:03d}" for p in range(num_patients)])
+
+
+def blob_split(
+    num_patients: int = 3, slices: int = 6, size: int = 32, seed: int = 0, prefix: str = "P"
+) -> SplitData:
+    """``num_patients`` volumes of :func:`blob_volume` (patients ``<prefix>00``, ...)."""
+    rng = np.random.RandomState(seed)
+    volumes = [blob_volume(rng, slices, size) for _ in range(num_patients)]
+    return split_from_volumes(volumes, [f"{prefix}{p:02d}" for p in range(num_patients)])

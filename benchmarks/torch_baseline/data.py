@@ -293,23 +293,26 @@ def synthetic_volumes(
     num_patients: int = 4,
     slices: int = 20,
     image_size: int = 64,
-    channels: int = 3,
     seed: int = 0,
 ) -> list[Volume]:
-    """Random stand-in volumes: standard-normal images, disc-shaped lesions in the middle slices.
+    """Stand-in volumes for timing: :func:`unet_jax.synthetic.disc_volume` (noisy discs, disc
+    lesions in the middle slices, so every patient's slice weights are defined), standardised per
+    volume as the baseline's preprocessing does."""
+    # Not disc_split: that builds a SplitData, whose module imports JAX, and DataLoader workers
+    # fork from this process.
+    from unet_jax.preprocess import channel_stats_uint8
+    from unet_jax.synthetic import disc_volume
 
-    Only for timing the data path and training loop; every patient has some lesion so the
-    baseline's slice weights are defined.
-    """
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:image_size, :image_size]
     volumes = []
     for _ in range(num_patients):
-        image = rng.standard_normal((slices, image_size, image_size, channels), np.float32)
-        mask = np.zeros((slices, image_size, image_size, 1), np.float32)
-        cy, cx = rng.uniform(0.3, 0.7, size=2) * image_size
-        for z in range(slices // 4, max(slices // 4 + 1, 3 * slices // 4)):
-            r = image_size * rng.uniform(0.05, 0.15)
-            mask[z, ..., 0] = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.float32)
-        volumes.append((image, mask))
+        images, masks = disc_volume(rng, slices, image_size)
+        mean, std = channel_stats_uint8(images)
+        volumes += volumes_from_slices(
+            images,
+            masks,
+            np.zeros(slices, np.int32),
+            np.repeat(mean[None], slices, axis=0),
+            np.repeat(std[None], slices, axis=0),
+        )
     return volumes

@@ -1,4 +1,4 @@
-"""The baseline's training loop (brain-segmentation-pytorch), written for this project, with timings.
+"""The baseline's training loop (brain-segmentation-pytorch), written for this project; timed.
 
 Naive mode is the loop as the report ran it: batch from the DataLoader (per-example scikit-image
 augmentation and lesion-weighted sampling in :mod:`.data`), copy to the device, forward, the
@@ -11,7 +11,7 @@ else fp16 with a GradScaler), two DataLoader workers, pinned host memory and cuD
 (CUDA), and no ``loss.item()`` per step (the losses are fetched once at the end, so the host can
 queue the next step's kernels while the device still runs the last one).
 
-CLI (synthetic random volumes unless the caller builds a loader from real data)::
+CLI (synthetic volumes unless the caller builds a loader from real data)::
 
     python -m benchmarks.torch_baseline.train --steps 5 --batch-size 4 --image-size 64 --features 8
 """
@@ -122,9 +122,7 @@ def train_epoch(
     model.train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     amp_dtype = _amp_dtype(device)
-    scaler = (
-        torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
-    )
+    scaler = torch.amp.GradScaler("cuda") if amp and amp_dtype == torch.float16 else None
     non_blocking = device.type == "cuda"
 
     data_wait: list[float] = []
@@ -188,7 +186,9 @@ def train_epoch(
         "wall_s": wall,
         "examples_per_s": examples / wall if wall > 0 else math.nan,
         "examples_per_s_after_first": (
-            sum(batch_sizes[1:]) / after_first if len(step_time) > 1 and after_first > 0 else math.nan
+            sum(batch_sizes[1:]) / after_first
+            if len(step_time) > 1 and after_first > 0
+            else math.nan
         ),
         "final_loss": losses[-1] if losses else math.nan,
     }

@@ -1,6 +1,6 @@
 """PyTorch reference of the baseline U-Net (brain-segmentation-pytorch's architecture).
 
-Written for this project from the architecture's description (REFERENCE.md). Module names
+Written for this project from the baseline architecture's published description. Module names
 follow the baseline so that ``state_dict()`` keys are the baseline's own
 (``encoder1.enc1conv1.weight``, ``encoder1.enc1norm1.running_mean``, ``upconv4.weight``,
 ``conv.bias``...), which is what :func:`unet_jax.convert.unet_from_torch` imports.
@@ -67,7 +67,8 @@ class UNet(nn.Module):
 
 
 def randomize_batchnorm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics and affine parameters (for parity tests)."""
+    """Give every BatchNorm non-trivial running statistics and affine parameters (for parity
+    tests)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

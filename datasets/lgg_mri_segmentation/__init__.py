@@ -1,4 +1,4 @@
-"""The LGG MRI segmentation data (Kaggle ``kaggle_3m``) as the TFDS dataset ``lgg_mri_segmentation``.
+"""The LGG MRI data (Kaggle ``kaggle_3m``) as the TFDS dataset ``lgg_mri_segmentation``.
 
 Importing this package registers the builder with TFDS. Build without TensorFlow::
 
@@ -7,9 +7,13 @@ Importing this package registers the builder with TFDS. Build without TensorFlow
 or ``build(manual_dir, data_dir, config)``; read with
 ``tfds.data_source("lgg_mri_segmentation/baseline", data_dir=D, split="train")``.
 See README.md in this folder.
+
+Modules: :mod:`.archive` (where the download is: folder or zip), :mod:`.kaggle` (checking and
+reading it), the builder. The facts the core shares (splits, folds, slice size, data.csv fields,
+the download instructions) live in :mod:`unet_jax.lgg` and are re-exported here.
 """
 
-from .kaggle import (
+from unet_jax.lgg import (
     CSV_FIELDS,
     HOLDOUT_SEED,
     HOLDOUT_SIZE,
@@ -17,19 +21,14 @@ from .kaggle import (
     MISSING,
     SLICE_SIZE,
     LGGDataError,
-    LGGDataWarning,
-    PatientFiles,
-    Source,
     csv_key,
-    find_kaggle_root,
     holdout_patients,
-    list_patients,
-    open_source,
     patient_folds,
-    read_data_csv,
-    read_patient,
     split_patients,
 )
+
+from .archive import Source, find_kaggle_root, open_source
+from .kaggle import LGGDataWarning, PatientFiles, list_patients, read_data_csv, read_patient
 from .lgg_mri_segmentation_dataset_builder import Builder, LggConfig, build
 
 __all__ = [

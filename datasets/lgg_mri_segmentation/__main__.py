@@ -13,7 +13,8 @@ import logging
 import sys
 import time
 
-from .kaggle import LGGDataError
+from unet_jax.lgg import LGGDataError
+
 from .lgg_mri_segmentation_dataset_builder import build
 
 
@@ -24,13 +25,24 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--manual_dir", required=True,
-                        help="folder holding the Kaggle download (zip, unpacked archive or kaggle_3m)")
+    parser.add_argument(
+        "--manual_dir",
+        required=True,
+        help="folder holding the Kaggle download (zip, unpacked archive or kaggle_3m)",
+    )
     parser.add_argument("--data_dir", required=True, help="TFDS data directory to write to")
-    parser.add_argument("--config", choices=["baseline", "raw", "all"], default="baseline",
-                        help="which config to build (default: baseline)")
-    parser.add_argument("--num_workers", type=int, default=None,
-                        help="preprocessing processes (0: none; default: CPUs, at most 8)")
+    parser.add_argument(
+        "--config",
+        choices=["baseline", "raw", "all"],
+        default="baseline",
+        help="which config to build (default: baseline)",
+    )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="preprocessing processes (0: none; default: CPUs, at most 8)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="rebuild an existing build")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -39,14 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     for config in configs:
         start = time.perf_counter()
         try:
-            builder = build(args.manual_dir, args.data_dir, config,
-                            num_workers=args.num_workers, overwrite=args.overwrite)
+            builder = build(
+                args.manual_dir,
+                args.data_dir,
+                config,
+                num_workers=args.num_workers,
+                overwrite=args.overwrite,
+            )
         except LGGDataError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        splits = ", ".join(f"{name}: {info.num_examples}" for name, info in builder.info.splits.items())
-        print(f"lgg_mri_segmentation/{config}: {splits} examples in {builder.data_dir} "
-              f"({time.perf_counter() - start:.1f} s)")
+        splits = ", ".join(
+            f"{name}: {info.num_examples}" for name, info in builder.info.splits.items()
+        )
+        print(
+            f"lgg_mri_segmentation/{config}: {splits} examples in {builder.data_dir} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
     return 0
 
 

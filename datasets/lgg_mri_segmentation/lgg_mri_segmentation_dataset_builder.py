@@ -1,4 +1,4 @@
-"""TFDS builder of the LGG MRI segmentation data (``lgg_mri_segmentation``), built without TensorFlow.
+"""TFDS builder of the LGG MRI data (``lgg_mri_segmentation``), built without TensorFlow.
 
 Two configs: ``baseline`` (default; the data exactly as the baseline, brain-segmentation-pytorch,
 trains on it) and ``raw`` (every slice as downloaded). Splits ``train`` / ``validation`` by patient,
@@ -19,15 +19,18 @@ import logging
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from . import kaggle
-from .kaggle import CSV_FIELDS, MISSING, SLICE_SIZE, LGGDataError
+from unet_jax import lgg
+from unet_jax.lgg import CSV_FIELDS, MISSING, SLICE_SIZE, LGGDataError
+
+from . import archive, kaggle
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,9 @@ def _default_workers() -> int:
 def _spawn_environment() -> Iterator[None]:
     """What spawned workers inherit: one BLAS thread each (the pool is the parallelism), and
     this package's parent on sys.path (``tfds build`` imports it from a temporary sys.path)."""
-    saved_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                 "MKL_NUM_THREADS")}
+    saved_env = {
+        k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    }
     saved_path = list(sys.path)
     os.environ.update({k: "1" for k in saved_env})
     if _PACKAGE_PARENT not in sys.path:
@@ -147,7 +151,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release: configs baseline and raw."}
-    MANUAL_DOWNLOAD_INSTRUCTIONS = kaggle.MANUAL_DOWNLOAD_INSTRUCTIONS
+    MANUAL_DOWNLOAD_INSTRUCTIONS = lgg.MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         LggConfig(
             name="baseline",
@@ -199,12 +203,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             manual_dir = dl_manager.manual_dir
         except AssertionError as e:  # TFDS's own check: missing or empty directory
             raise LGGDataError(str(e)) from None
-        source = kaggle.open_source(manual_dir)
+        source = archive.open_source(manual_dir)
         log.info("Reading the LGG data from %s", source.describe())
         patients = kaggle.list_patients(source)
         table = kaggle.read_data_csv(source)
         metadata = kaggle.patient_metadata(patients, table, source.describe("data.csv"))
-        train_ids, val_ids = kaggle.split_patients(p.patient_id for p in patients)
+        train_ids, val_ids = lgg.split_patients(p.patient_id for p in patients)
         by_id = {p.patient_id: p for p in patients}
         meta = self.info.metadata
         meta["config"] = self.builder_config.name
@@ -224,7 +228,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(
         self,
         split: str,
-        source: kaggle.Source,
+        source: archive.Source,
         patients: list[kaggle.PatientFiles],
         metadata: dict[str, dict[str, int]],
         last: bool = False,
@@ -277,11 +281,16 @@ def build(
         raise ValueError(f"config must be 'baseline' or 'raw', got {config!r}")
     builder = Builder(
         # The constructor's file_format sets info.file_format, which both writing and reading use.
-        config=config, data_dir=os.fspath(data_dir), file_format="array_record",
+        config=config,
+        data_dir=os.fspath(data_dir),
+        file_format="array_record",
         num_workers=num_workers,
     )
-    mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
-            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    mode = (
+        tfds.download.GenerateMode.FORCE_REDOWNLOAD
+        if overwrite
+        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             manual_dir=os.fspath(manual_dir), download_mode=mode

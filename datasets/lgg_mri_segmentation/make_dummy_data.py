@@ -28,8 +28,7 @@ def make_dummy_data(dest: Path | str = DUMMY_DATA_DIR, *, layout: str = "kaggle_
     Returns:
       ``dest``, to pass as the builder's manual directory.
     """
-    write_synthetic_kaggle3m(dest, num_patients=5, slices=(5, 8), size=256, seed=3,
-                             layout=layout)  # type: ignore[arg-type]
+    write_synthetic_kaggle3m(dest, num_patients=5, slices=(5, 8), size=256, seed=3, layout=layout)  # type: ignore[arg-type]
     return Path(dest)
 
 

@@ -18,7 +18,13 @@ from unet_jax.config import Config
 
 #: Experiment names, in the order they are listed to users.
 EXPERIMENTS: tuple[str, ...] = (
-    "smoke", "cpu_quick", "run1", "run2", "baseline", "ablation", "cv5",
+    "smoke",
+    "cpu_quick",
+    "run1",
+    "run2",
+    "baseline",
+    "ablation",
+    "cv5",
 )
 
 

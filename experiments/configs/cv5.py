@@ -6,7 +6,7 @@ comparison with the per-patient DSC pooled over the folds, i.e. over all 110 pat
 
 Reproduces the paper's kind of evaluation (cross-validation over all patients) instead of the
 baseline's 10 fixed validation patients: ``split="fold"``, ``num_folds=5``, ``fold=0..4``
-(``datasets.lgg_mri_segmentation.patient_folds``, deterministic, patient-level), each fold
+(``unet_jax.lgg.patient_folds``, deterministic, patient-level), each fold
 training on ~88 patients and validating on ~22. Otherwise the baseline recipe: Adam lr 1e-4,
 batch 16, no weight decay, Dice loss, lesion-weighted sampling, augmentation 0.05 / 15 / 0.5,
 image size 256, baseline preprocessing.
@@ -38,8 +38,15 @@ NUM_FOLDS = 5
 def get_config() -> Config:
     """The shared base (fold 0 of 5)."""
     return baseline.get_config().replace(
-        name="cv5", split="fold", num_folds=NUM_FOLDS, fold=0,
-        epochs=50, schedule="cosine", warmup_epochs=0.0, final_lr_fraction=0.0)
+        name="cv5",
+        split="fold",
+        num_folds=NUM_FOLDS,
+        fold=0,
+        epochs=50,
+        schedule="cosine",
+        warmup_epochs=0.0,
+        final_lr_fraction=0.0,
+    )
 
 
 def get_configs() -> dict[str, Config]:

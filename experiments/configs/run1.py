@@ -1,4 +1,4 @@
-"""Run 1 of the student's report (its Table 1), on the baseline's 10 validation patients.
+"""Run 1 of the earlier PyTorch report (its Table 1), on the baseline's 10 validation patients.
 
 Command: ``python -m experiments.run --exp=run1``
 

@@ -1,4 +1,4 @@
-"""Run 2 of the student's report: run 1 with batch 32, 10 epochs, lr 1e-3, weight decay 1e-4.
+"""Run 2 of the earlier PyTorch report: run 1 with batch 32, 10 epochs, lr 1e-3, weight decay 1e-4.
 
 Command: ``python -m experiments.run --exp=run2``
 
@@ -22,4 +22,5 @@ from unet_jax.config import Config
 def get_config() -> Config:
     """The run-2 configuration."""
     return run1.get_config().replace(
-        name="run2", batch_size=32, epochs=10, learning_rate=1e-3, weight_decay=1e-4)
+        name="run2", batch_size=32, epochs=10, learning_rate=1e-3, weight_decay=1e-4
+    )

@@ -1,0 +1,124 @@
+"""Tests of unet_jax.compare and of experiments.report on a parent of several runs."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from _fake_run import make_workdir, md_links, write_csv
+from experiments import report as report_cli
+from unet_jax import compare, report, rundir
+from unet_jax.config import Config
+
+
+def _table_rows(markdown: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in markdown.splitlines():
+        if line.startswith("| ") and not line.startswith("| run "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_compare_runs_table_and_figures(tmp_path: Path):
+    base = Config(name="base")
+    variants = {
+        "run1": base,
+        "batch32": base.replace(batch_size=32),
+        "lr1e-3": base.replace(learning_rate=1e-3),
+    }
+    dirs = {
+        name: make_workdir(
+            tmp_path / name, seed=i, config=cfg, dsc_offsets=(0.01 * i, -0.02 * i, 0.03 * i)
+        )
+        for i, (name, cfg) in enumerate(variants.items())
+    }
+    report.write_report(dirs["run1"])  # one run with its own report: linked from the table
+    path = compare.compare_runs(tmp_path, dirs, "ablation")
+    assert path == tmp_path / "report" / "comparison.md"
+    text = path.read_text()
+    rows = _table_rows(text)
+    header = next(line for line in text.splitlines() if line.startswith("| run "))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    for name, d in dirs.items():
+        with open(d / "per_patient.csv") as f:
+            values = [float(r["dsc_lcc"]) for r in csv.DictReader(f)]
+        cells = rows[name]
+        assert float(cells[columns.index("mean DSC")]) == pytest.approx(np.mean(values), abs=6e-5)
+        assert float(cells[columns.index("median DSC")]) == pytest.approx(
+            np.median(values), abs=6e-5
+        )
+    assert rows["run1"][columns.index("differs")] == "—"
+    assert rows["batch32"][columns.index("differs")] == "batch_size=32"
+    assert rows["lr1e-3"][columns.index("differs")] == "learning_rate=0.001"
+    assert "[report](../run1/report/report.md)" in rows["run1"][-1]
+    for link in md_links(text):
+        assert (path.parent / link).is_file(), link
+    for name in ("comparison_dsc.png", "comparison_curves.png"):
+        with Image.open(path.parent / name) as im:
+            assert im.format == "PNG" and im.width > 200 and im.height > 150
+    assert "Pooled" not in text  # holdout runs are not pooled
+
+
+def test_compare_runs_pools_cross_validation_folds(tmp_path: Path):
+    base = Config(name="cv", split="fold", num_folds=2)
+    dirs = {}
+    for i in range(2):
+        d = make_workdir(
+            tmp_path / f"fold{i}",
+            seed=i,
+            config=base.replace(fold=i),
+            dsc_offsets=(0.05 * i, 0.0, 0.1 * i),
+        )
+        # Distinct patients per fold, as in cross-validation.
+        rows = rundir.read_per_patient(d / "per_patient.csv")
+        for row in rows:
+            row["patient"] = f"{row['patient']}_f{i}"
+        write_csv(d / "per_patient.csv", rows)
+        dirs[f"fold{i}"] = d
+    (tmp_path / "fold1" / "metrics.jsonl").write_text("")  # a fold without logs yet
+    text = compare.compare_runs(tmp_path, dirs, "cv").read_text()
+    pooled = [
+        r["dsc_lcc"] for d in dirs.values() for r in rundir.read_per_patient(d / "per_patient.csv")
+    ]
+    m = re.search(
+        r"\*\*(\d+) patients\*\*, mean per-patient DSC \*\*([0-9.]+)\*\*, median "
+        r"\*\*([0-9.]+)\*\*",
+        text,
+    )
+    assert m, text
+    assert int(m.group(1)) == 6
+    assert float(m.group(2)) == pytest.approx(np.mean(pooled), abs=6e-5)
+    assert float(m.group(3)) == pytest.approx(np.median(pooled), abs=6e-5)
+    assert "fold=1" in _table_rows(text)["fold1"][1]
+    assert "fold1: metrics.jsonl has no evaluation lines" in text
+    assert (tmp_path / "report" / "pooled_dsc.png").is_file()
+
+
+def test_cli_on_parent_writes_every_report_and_comparison(tmp_path: Path, capsys):
+    parent = tmp_path / "ablation"
+    for name in ("lr1e-3", "run1"):
+        # Without predictions (fewer figures, a faster test).
+        make_workdir(parent / name, config=Config(name=name), with_predictions=False)
+    assert report_cli.main(["--workdir", str(parent)]) == 0
+    out = capsys.readouterr().out
+    assert (parent / "run1" / "report" / "report.md").is_file()
+    assert (parent / "lr1e-3" / "report" / "report.md").is_file()
+    text = (parent / "report" / "comparison.md").read_text()
+    assert str(parent / "report" / "comparison.md") in out
+    # Names match the registered ablation: its order (run1 first) and its title.
+    assert text.startswith("# ablation:")
+    assert text.index("| run1 |") < text.index("| lr1e-3 |")
+
+
+def test_config_differences_against_most_common_value():
+    a = {"name": "a", "x": 1, "y": 2}
+    diffs = compare.config_differences(
+        {"a": a, "b": {**a, "name": "b", "x": 5}, "c": {**a, "name": "c", "y": 7}, "d": None}
+    )
+    assert diffs == {"a": {}, "b": {"x": 5}, "c": {"y": 7}, "d": {}}

@@ -1,0 +1,131 @@
+"""The command line of ``unet_jax.predict``; what it does is its ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+from unet_jax.predict.inputs import PredictError
+from unet_jax.predict.run import predict
+
+__all__ = ["DESCRIPTION", "EPILOG", "main"]
+
+DESCRIPTION = "Segment new MRI slices with a trained (or converted) checkpoint."
+
+EPILOG = """\
+inputs: slice files (8-bit; 3 channels pre-contrast, FLAIR, post-contrast, or 1 channel taken
+  as FLAIR), patient folders of <patient>_<n> slices (one volume each, ordered by n) or a
+  kaggle_3m root of patient folders. Loose files are grouped into volumes by <patient>; a file
+  without _<n> is a volume of its own. A mask <stem>_mask.<ext> beside a slice is its ground truth.
+
+preprocessing: the checkpoint's data-set config (baseline or raw), exactly as in training.
+  baseline: slices the baseline drops (first and last, outside the crop) get empty masks
+  (processed = 0); volumes of fewer than 3 slices keep their ends. Prediction is
+  sigmoid >= threshold, mapped back to each slice's own size (nearest neighbour); unless
+  --no-lcc, only the largest 3D connected component of each volume is kept.
+
+outputs (DIR is made complete or not at all):
+  <volume>/<stem>_pred.png     binary mask (0/255) in the input slice's size
+  <volume>/<stem>_overlay.png  FLAIR with prediction (red), ground truth (green), both (yellow)
+  <volume>/<volume>.gif        the volume's overlays, animated
+  predictions.csv              one row per slice and per volume: sizes, processed, lesion
+                               pixels and fraction, true_pixels; with ground truth, dsc and
+                               accuracy in the input geometry, and dsc_model, dsc_model_lcc,
+                               accuracy_model as the training evaluation computes them
+                               (dsc_model_lcc is its per_patient.csv's dsc_lcc)
+  predict.json                 the settings of the run
+
+exit status: 0 done, 2 bad input, checkpoint or output, 130 interrupted."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m unet_jax.predict",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training workdir (its best checkpoint unless --step) or a "
+        "checkpoint written by `python -m unet_jax.convert`",
+    )
+    parser.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="use the checkpoint of this training step instead of the best",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        metavar="PATH",
+        help="slice files (.tif/.tiff/.png), patient folders or a kaggle_3m root; "
+        "files are grouped into volumes by their <patient>_<n> prefix, a file "
+        "without _<n> is a volume of its own",
+    )
+    parser.add_argument(
+        "--output", required=True, metavar="DIR", help="new (or empty) folder for the results"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="probability threshold (default: the checkpoint's, 0.5)",
+    )
+    parser.add_argument(
+        "--no-lcc",
+        action="store_true",
+        help="keep every predicted component (default: only the largest 3D "
+        "connected component of each volume)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per batch (default 16)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input/checkpoint/output, 130
+    interrupted)."""
+    args = _parser().parse_args(argv)
+    import logging
+
+    # Orbax reports opening a checkpoint read-only as absl warnings: noise for this command.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        summary = predict(
+            args.checkpoint,
+            args.input,
+            args.output,
+            step=args.step,
+            threshold=args.threshold,
+            lcc=not args.no_lcc,
+            batch_size=args.batch_size,
+            progress=False if args.no_progress else None,
+        )
+    except PredictError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    for r in summary.rows:
+        if r["level"] != "volume":
+            continue
+        line = f"{r['volume']}: {r['slices']} slices, lesion {r['lesion_pixels']} px"
+        if "dsc" in r:
+            line += (
+                f", DSC {r['dsc']:.4f} (model resolution, after LCC: {r['dsc_model_lcc']:.4f})"
+                if "dsc_model_lcc" in r
+                else f", DSC {r['dsc']:.4f}"
+            )
+        print(line)
+    rate = summary.slices / summary.seconds if summary.seconds > 0 else math.inf
+    print(
+        f"wrote {summary.output}: {summary.volumes} volume(s), {summary.slices} slices in "
+        f"{summary.seconds:.1f} s ({rate:.1f} slices/s) on {summary.device}"
+    )
+    return 0

@@ -1,0 +1,318 @@
+"""The batching predictor of ``unet_jax.predict``: a loaded model with its preprocessing.
+
+JAX is imported when a :class:`Predictor` is made, not with this module, so that the command
+line starts (and answers ``--help`` or a bad input) without it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from unet_jax import metrics, preprocess
+from unet_jax.lgg import SLICE_SIZE
+from unet_jax.predict.inputs import LoadedVolume, PredictError
+
+__all__ = ["VolumePrediction", "Predictor", "load_checkpoint"]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A volume in model-input form, waiting for (and then holding) its predictions."""
+
+    loaded: LoadedVolume
+    images: np.ndarray  # (Z, S, S', 3) uint8 at the stored resolution
+    masks: np.ndarray  # (Z, S, S', 1) uint8 in {0, 1}
+    mean: np.ndarray  # (3,) float32
+    std: np.ndarray  # (3,) float32
+    geometry: preprocess.VolumeGeometry | None  # None: nothing left to predict (empty masks)
+    pred: np.ndarray | None = None  # (Z, s, s) bool at model resolution
+    truth: np.ndarray | None = None  # (Z, s, s) bool, the masks as the model sees them
+    done: int = 0
+
+    @property
+    def num_model_slices(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def complete(self) -> bool:
+        return self.done == self.num_model_slices
+
+
+@dataclasses.dataclass
+class VolumePrediction:
+    """The result for one volume.
+
+    Attributes:
+      loaded: the input volume.
+      mask: (N, H, W) bool, the output masks in the input geometry (after LCC unless disabled).
+      processed: (N,) bool, slices that went through the model.
+      metrics: the volume's numbers (see ``unet_jax.predict.export.CSV_FIELDS``); metric keys
+        only with ground truth.
+    """
+
+    loaded: LoadedVolume
+    mask: np.ndarray
+    processed: np.ndarray
+    metrics: dict[str, Any]
+
+
+class Predictor:
+    """A loaded model with its preprocessing, predicting volumes in jitted, padded batches.
+
+    Batches are filled across volumes in order; a last, partial batch is padded to the next
+    power of two (at most ``batch_size``), so at most ``log2(batch_size) + 1`` programs compile.
+    """
+
+    def __init__(
+        self,
+        model,
+        config,
+        *,
+        threshold: float | None = None,
+        lcc: bool = True,
+        batch_size: int = 16,
+    ):
+        import jax
+        from flax import nnx
+
+        from unet_jax.input_pipeline import AugmentSpec, prepare_batch
+
+        self.config = config
+        self.threshold = float(config.threshold if threshold is None else threshold)
+        try:
+            logit_threshold = metrics.logit_threshold(self.threshold)  # the evaluation's rule
+        except ValueError as e:
+            raise PredictError(str(e)) from None
+        if batch_size < 1:
+            raise PredictError(f"batch size must be at least 1, got {batch_size}")
+        if config.dataset_config not in preprocess.MODES:
+            raise PredictError(
+                f"the checkpoint's dataset_config {config.dataset_config!r} is not "
+                "one predict knows (baseline, raw)"
+            )
+        if config.in_channels != 3 or config.out_channels != 1:
+            raise PredictError(
+                f"the checkpoint's model has {config.in_channels} input and "
+                f"{config.out_channels} output channels; predict needs 3 and 1"
+            )
+        self.lcc = lcc
+        self.batch_size = int(batch_size)
+        self.size = int(config.image_size)
+        aug = AugmentSpec(0.0, 0.0, 0.0, self.size)
+        graphdef, state = nnx.split(model)
+        self._state = jax.device_put(state)
+
+        def step(state, images, masks, mean, std):
+            # Exactly the evaluation's batch preparation: normalise, resize on device.
+            x, y = prepare_batch(images, masks, mean, std, jax.random.key(0), aug, train=False)
+            logits = nnx.merge(graphdef, state)(x)
+            return logits[..., 0] >= logit_threshold, y[..., 0] >= 0.5
+
+        self._step = jax.jit(step)
+        self.device = str(jax.devices()[0])
+
+    # -- preprocessing ---------------------------------------------------------------------
+    def prepare(self, loaded: LoadedVolume) -> tuple[_Prepared, list[str]]:
+        """The volume as the model's training data stored it (:func:`preprocess.prepare_volume`
+        with the checkpoint's data-set config); notices for what differs from training."""
+        n = loaded.images.shape[0]
+        notices = []
+        mode = self.config.dataset_config
+        # The baseline's rule would leave nothing of a volume of fewer than 3 slices.
+        drop_ends = n >= 3
+        if mode == "baseline" and not drop_ends:
+            notices.append(
+                f"{loaded.spec.name}: {n} slice(s): preprocessed without dropping "
+                "the first and last slice (the baseline drops them)"
+            )
+        try:
+            volume = preprocess.prepare_volume(
+                loaded.images, loaded.truth.astype(np.uint8), mode, drop_ends=drop_ends
+            )
+        except ValueError as e:  # all zeros after the baseline's threshold
+            notices.append(f"{loaded.spec.name}: {e}; its masks are empty")
+            empty = np.zeros((0, SLICE_SIZE, SLICE_SIZE, 3), np.uint8)
+            return _Prepared(
+                loaded, empty, empty[..., :1], np.zeros(3, np.float32), np.ones(3, np.float32), None
+            ), notices
+        return _Prepared(
+            loaded,
+            volume.image,
+            volume.mask[..., None],
+            volume.channel_mean,
+            self._safe_std(volume.channel_std, loaded, notices),
+            volume.geometry,
+        ), notices
+
+    @staticmethod
+    def _safe_std(std: np.ndarray, loaded: LoadedVolume, notices: list[str]) -> np.ndarray:
+        # A constant channel has std 0: standardising would divide by zero. Its standardised
+        # value is then 0 everywhere (x - mean = 0), as with std 1.
+        bad = ~(np.isfinite(std) & (std > 0))
+        if bad.any():
+            notices.append(
+                f"{loaded.spec.name}: channel(s) {np.flatnonzero(bad).tolist()} are "
+                "constant over the volume; standardised with std 1"
+            )
+            std = np.where(bad, np.float32(1), std).astype(np.float32)
+        return std
+
+    # -- the model ---------------------------------------------------------------------------
+    def _run(self, chunks: list[tuple[_Prepared, int, int]], pad_to: int) -> None:
+        """Predict the rows ``[start, stop)`` of each chunk as one batch padded to ``pad_to``."""
+        import jax
+
+        images = np.concatenate([p.images[a:b] for p, a, b in chunks])
+        masks = np.concatenate([p.masks[a:b] for p, a, b in chunks])
+        mean = np.concatenate([np.broadcast_to(p.mean, (b - a, 3)) for p, a, b in chunks])
+        std = np.concatenate([np.broadcast_to(p.std, (b - a, 3)) for p, a, b in chunks])
+        rows = images.shape[0]
+        if pad_to > rows:
+            extra = pad_to - rows
+            images = np.concatenate([images, np.zeros((extra,) + images.shape[1:], np.uint8)])
+            masks = np.concatenate([masks, np.zeros((extra,) + masks.shape[1:], np.uint8)])
+            mean = np.concatenate([mean, np.zeros((extra, 3), np.float32)])
+            std = np.concatenate([std, np.ones((extra, 3), np.float32)])
+        pred, truth = jax.device_get(self._step(self._state, images, masks, mean, std))
+        row = 0
+        for p, a, b in chunks:
+            if p.pred is None:
+                shape = (p.num_model_slices,) + pred.shape[1:]
+                p.pred, p.truth = np.zeros(shape, bool), np.zeros(shape, bool)
+            p.pred[a:b] = pred[row : row + b - a]
+            p.truth[a:b] = truth[row : row + b - a]
+            p.done += b - a
+            row += b - a
+
+    def _padded(self, rows: int) -> int:
+        """Rows a partial batch is padded to: the next power of two, at most ``batch_size``."""
+        return min(self.batch_size, _next_pow2(rows))
+
+    def predict_volumes(
+        self,
+        volumes: Iterable[LoadedVolume],
+        on_progress: Callable[[int], None] | None = None,
+        on_notice: Callable[[str], None] | None = None,
+    ) -> Iterator[VolumePrediction]:
+        """Predict each volume; yields the results in the input order as they complete.
+
+        ``on_progress(n)`` is called with the number of slices finished (processed or not).
+        """
+        pending: collections.deque[_Prepared] = collections.deque()
+        buffer: list[tuple[_Prepared, int, int]] = []
+        buffered = 0
+        progress = on_progress or (lambda n: None)
+        notice = on_notice or (lambda s: None)
+
+        def run(rows: int, pad_to: int) -> None:
+            nonlocal buffered
+            chunks, taken = [], 0
+            while taken < rows:
+                p, a, b = buffer[0]
+                take = min(b - a, rows - taken)
+                chunks.append((p, a, a + take))
+                taken += take
+                if a + take == b:
+                    buffer.pop(0)
+                else:
+                    buffer[0] = (p, a + take, b)
+            buffered -= rows
+            self._run(chunks, pad_to)
+            progress(rows)
+
+        def finished() -> Iterator[VolumePrediction]:
+            while pending and pending[0].complete:
+                yield self._finish(pending.popleft(), progress)
+
+        for prepared, notes in self._prepared(volumes):
+            for s in notes:
+                notice(s)
+            # One batch holds one input shape (the baseline's are all SLICE_SIZE square).
+            if buffer and buffer[0][0].images.shape[1:] != prepared.images.shape[1:]:
+                run(buffered, self._padded(buffered))
+            pending.append(prepared)
+            if prepared.num_model_slices:
+                buffer.append((prepared, 0, prepared.num_model_slices))
+                buffered += prepared.num_model_slices
+            while buffered >= self.batch_size:
+                run(self.batch_size, self.batch_size)
+            yield from finished()
+        if buffered:
+            run(buffered, self._padded(buffered))
+        yield from finished()
+        assert not pending
+
+    def _prepared(self, volumes: Iterable[LoadedVolume]) -> Iterator[tuple[_Prepared, list[str]]]:
+        """``prepare`` each volume, the next one in a worker thread while the current one is
+        on the device (reading and preprocessing are NumPy/Pillow work that releases the GIL,
+        and JAX dispatches the batches asynchronously)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        it = iter(volumes)
+
+        def work() -> tuple[_Prepared, list[str]] | None:
+            loaded = next(it, None)  # one worker: the iterator is never entered concurrently
+            return None if loaded is None else self.prepare(loaded)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(work)
+            while (item := future.result()) is not None:
+                future = pool.submit(work)
+                yield item
+
+    # -- back to the input geometry ------------------------------------------------------------
+    def _finish(self, p: _Prepared, progress: Callable[[int], None]) -> VolumePrediction:
+        loaded = p.loaded
+        n, h, w = loaded.images.shape[:3]
+        processed = np.zeros(n, bool)
+        if p.geometry is None:
+            mask = np.zeros((n, h, w), bool)
+        else:
+            # The model saw the stored slices resized to its image_size: mapped back from there.
+            mask = preprocess.restore_prediction(p.pred, p.geometry)
+            processed[p.geometry.z_range[0] : p.geometry.z_range[1]] = True
+        mask = np.asarray(mask, bool)
+        if self.lcc:
+            mask = metrics.largest_connected_component(mask)
+        lesion = int(mask.sum())
+        m: dict[str, Any] = {
+            "slices": n,
+            "processed": int(processed.sum()),
+            "lesion_pixels": lesion,
+            "lesion_fraction": lesion / (n * h * w),
+        }
+        if loaded.has_truth.all():
+            c = metrics.counted_metrics(mask, loaded.truth)
+            m["true_pixels"] = int(c["true_pixels"])
+            m["dsc"], m["accuracy"] = c["dsc"], c["accuracy"]
+            if p.num_model_slices:
+                model_metrics = metrics.volume_metrics(p.pred, p.truth)
+                m["dsc_model"], m["dsc_model_lcc"] = model_metrics["dsc"], model_metrics["dsc_lcc"]
+                m["accuracy_model"] = model_metrics["accuracy"]
+        progress(n - p.num_model_slices)
+        return VolumePrediction(loaded, mask, processed, m)
+
+
+def load_checkpoint(path: str | os.PathLike, step: int | None = None):
+    """``(model, config, meta)`` from a training workdir or a converted checkpoint, with errors
+    as :class:`PredictError`."""
+    from unet_jax.checkpoint import CheckpointError, load_model
+
+    try:
+        return load_model(path, step)
+    except CheckpointError as e:
+        raise PredictError(str(e)) from None
+    except Exception as e:  # Orbax / config errors: a directory that is not a compatible checkpoint
+        raise PredictError(
+            f"{path}: cannot load a unet_jax checkpoint from it ({type(e).__name__}: {e})"
+        ) from None
