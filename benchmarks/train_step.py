@@ -74,6 +74,10 @@ FLAG_PRESETS: dict[str, str] = {
     "onednn": "--xla_cpu_use_onednn=true",
     "onednnfusion": "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise,reduce",
     "onednncc": "--xla_cpu_experimental_onednn_custom_call=true",
+    # GPU: convolutions (and the other command types) captured in CUDA command buffers, so a
+    # step's many small kernels launch as one graph (A/B on a GPU; no effect on the CPU).
+    "gpucmdconv": "--xla_gpu_enable_command_buffer="
+    "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONVOLUTION,WHILE,CONDITIONAL",
     # Math and runtime knobs.
     "fastmath": "--xla_cpu_enable_fast_math=true",
     "nothunk": "--xla_cpu_use_thunk_runtime=false",

@@ -2,12 +2,15 @@
 
     python -m experiments.run --exp=NAME [--workdir DIR] [--data_dir D] [--manual_dir M]
                               [--set key=value ...] [--restart] [--distributed]
+                              [--compile_cache DIR|none]
 
 Experiments live in ``experiments/configs/`` (one module each; its docstring says what it
 reproduces and what we measured). The resolved config is printed and saved as
 ``<workdir>/config.json``. Re-running the same command resumes an interrupted run; a different
 config on an existing workdir is refused unless ``--restart`` is given. Multi-run experiments
-(``ablation``, ``cv5``) put each run in ``<workdir>/<run>`` and write a comparison report.
+(``ablation``, ``cv5``) put each run in ``<workdir>/<run>`` and write a comparison report; their
+runs share compiled programs through the persistent compilation cache (on by default,
+:mod:`unet_jax.compile_cache`).
 """
 
 from __future__ import annotations
@@ -55,10 +58,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="delete an existing run in the workdir instead of resuming it",
     )
     parser.add_argument(
+        "--compile_cache",
+        metavar="DIR",
+        help="persistent XLA compilation cache folder, or 'none' to turn it off (default: "
+        "$UNET_JAX_COMPILE_CACHE, else ~/.cache/unet_jax/xla)",
+    )
+    parser.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host runs)",
+        help="call jax.distributed.initialize() first (multi-host runs; on SLURM, Open MPI, "
+        "Kubernetes and Cloud TPU it finds its peers by itself, elsewhere give the next three)",
     )
+    parser.add_argument(
+        "--coordinator_address", metavar="HOST:PORT", help="with --distributed: process 0's address"
+    )
+    parser.add_argument("--num_processes", type=int, help="with --distributed: how many processes")
+    parser.add_argument("--process_id", type=int, help="with --distributed: this process's index")
     return parser.parse_args(argv)
 
 
@@ -106,10 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from unet_jax import compile_cache
+
+    compile_cache.enable(args.compile_cache)
     if args.distributed:
         import jax
 
-        jax.distributed.initialize()
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
 
     from experiments.data import load_run_data
     from unet_jax.data import DataNotFoundError

@@ -21,8 +21,10 @@ Fixtures (session-scoped, built once and shared by every test file):
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,23 @@ SHARED_LGG = REPO.parent / "shared" / "lgg"
 # installed (bare `pytest` does not put the repository root first on sys.path).
 if str(REPO) not in sys.path[:1]:
     sys.path.insert(0, str(REPO))
+
+
+# One persistent compilation cache for the whole session, never the user's: runs of equal shapes
+# (in this process and in the subprocesses, which inherit the variable) compile once.
+os.environ["UNET_JAX_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="unet_jax_test_xla_")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from unet_jax import compile_cache
+
+    compile_cache.enable()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    shutil.rmtree(os.environ["UNET_JAX_COMPILE_CACHE"], ignore_errors=True)
 
 
 def real_data_path() -> Path | None:

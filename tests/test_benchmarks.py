@@ -386,3 +386,43 @@ def test_input_pipeline_analyse_by_hand():
     assert [(s["baseline_workers"], s["speedup"]) for s in speedups] == [(0, 40.0), (2, 20.0)]
     table = input_pipeline.format_table(rows, speedups)
     assert "| 16 | 40.0x | 20.0x (N=2) |" in table
+
+
+@pytest.mark.slow
+def test_full_run_times_a_whole_experiment_cold_and_warm(tmp_path, monkeypatch):
+    from benchmarks import full_run
+
+    # The runs are subprocesses: the fast PRNG (see the module docstring) through the environment.
+    monkeypatch.setenv("JAX_DEFAULT_PRNG_IMPL", "unsafe_rbg")
+
+    out = full_run.main(
+        [
+            "--exp", "run1", "--synthetic", "4,5,6", "--set", "image_size=16",
+            "--set", "features=2", "--set", "batch_size=4", "--set", "epochs=2",
+            "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json"),
+        ]
+    )  # fmt: skip
+    cold, warm = out["rows"]
+    assert (cold["cache"], warm["cache"]) == ("cold", "warm")
+    for row in (cold, warm):
+        assert row["runs"] == 1 and row["epochs"] == 2
+        assert 0 < row["compile_s"] < row["wall_s"] and row["outside_training_s"] > 0
+        assert row["eval_ckpt_visible_s"] >= 0 and row["eval_ckpt_background_s"] > 0
+        assert 0 <= row["best_val_dsc"][0] <= 1
+    # The warm run loads what the cold one compiled.
+    assert warm["compile_s"] < cold["compile_s"]
+    assert any((tmp_path / "xla_cache_run1").iterdir())
+    assert "| run1 | warm |" in out["table"]
+    assert json.loads((tmp_path / "r.json").read_text())["rows"][1]["cache"] == "warm"
+
+
+def test_epoch_loop_times_both_dispatch_modes(fast_prng):
+    from benchmarks import epoch_loop
+
+    out = epoch_loop.main(
+        ["--image-size", "16", "--features", "2", "--batch", "4", "--synthetic", "2,4,16",
+         "--reps", "1"]
+    )  # fmt: skip
+    assert set(out["times"]) == {"device loop (lax.scan)", "host steps"}
+    assert all(len(v) == 1 and v[0] > 0 for v in out["times"].values())
+    assert "| host steps |" in out["table"] and "1.00x" in out["table"]

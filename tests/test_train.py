@@ -185,3 +185,101 @@ def test_streaming_path_trains_like_the_resident_one(tmp_path):
     b = [r["loss"] for r in _records(tmp_path / "stream", "train")]
     assert len(a) == len(b) == 4
     np.testing.assert_allclose(a, b, rtol=1e-4)
+
+
+def _resident_trainer(cfg, split):
+    from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
+    from unet_jax.train import Trainer
+
+    mesh = make_mesh()
+    aug = AugmentSpec(cfg.aug_scale, cfg.aug_angle, cfg.aug_flip, None)
+    return Trainer(cfg, ResidentData(split, mesh, cfg.batch_size, cfg.sampling, aug), mesh)
+
+
+def test_one_dispatch_epoch_matches_the_per_step_loop():
+    # The epoch as one program (lax.scan of the step) against step-by-step dispatches, from the
+    # same initial state: the same PRNG stream draws the same batches (bitwise), so the losses
+    # are the same (bitwise: the forward pass compiles identically). The updated parameters are
+    # not bitwise equal: XLA:CPU orders some float32 reductions of the backward pass differently
+    # inside the loop (gradients differ in their last bits, ~1e-8), and Adam divides each
+    # coordinate's step by its gradient's RMS, so on coordinates whose gradient is near zero
+    # such a difference moves the parameter by a fraction of the learning rate (measured:
+    # 1.4e-5 = 0.005 lr after 1 to 4 steps, not growing). Bound: 0.02 lr.
+    cfg = tiny_config("scan", epochs=1, seed=5)
+    train, _ = blob_train_val()
+    scanned, stepped = _resident_trainer(cfg, train), _resident_trainer(cfg, train)
+    steps = scanned.steps_per_epoch
+    assert steps == 4
+
+    arrays, key = scanned.data.arrays, scanned.data_key
+    batches = jax.jit(
+        lambda: jax.lax.scan(
+            lambda s, _: (s + 1, scanned.data.train_batch(key, s, arrays)),
+            jax.numpy.int32(0),
+            None,
+            length=steps,
+        )[1]
+    )()
+    for step in range(steps):
+        x, y = jax.jit(stepped.data.train_batch)(key, jax.numpy.int32(step), arrays)
+        assert np.array_equal(np.asarray(batches[0][step]), np.asarray(x))
+        assert np.array_equal(np.asarray(batches[1][step]), np.asarray(y))
+
+    losses = np.asarray(scanned.train_steps(steps)["loss"])
+    step_losses = np.array([float(stepped.train_step()["loss"]) for _ in range(steps)])
+    assert losses.shape == (steps,) and np.array_equal(losses, step_losses.astype(np.float32))
+    assert scanned.step == stepped.step == steps
+
+    def gap(name):
+        pairs = zip(jax.tree.leaves(scanned.state[name]), jax.tree.leaves(stepped.state[name]))
+        return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
+
+    assert gap("params") <= 0.02 * cfg.learning_rate
+    assert gap("batch_stats") <= 1e-5
+
+
+@pytest.mark.slow
+def test_an_evaluation_a_kill_lost_from_the_log_is_logged_again_on_resume(tmp_path):
+    # The evaluation's record rides in the `latest` checkpoint's meta; a kill after the
+    # checkpoint but before the log line (it is written on the epoch-end thread) must not lose
+    # it. Simulated by deleting the last evaluation (and the summary) from the log.
+    cfg = tiny_config("lost", epochs=2, log_every_steps=4, seed=6)
+    data = blob_train_val()
+    first = train_and_evaluate(cfg, tmp_path, data=data, progress=False)
+    path = tmp_path / "metrics.jsonl"
+    evals = _records(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [4, 8]
+    kept = [
+        ln
+        for ln in path.read_text().splitlines()
+        if json.loads(ln)["type"] == "train" or json.loads(ln) == evals[0]
+    ]
+    path.write_text("".join(ln + "\n" for ln in kept))
+    again = train_and_evaluate(cfg, tmp_path, data=data, progress=False)
+    assert _records(tmp_path, "eval") == evals
+    assert again["val_dsc"] == first["val_dsc"] and again["best_val_dsc"] == first["best_val_dsc"]
+
+
+@pytest.mark.slow
+def test_device_and_host_epoch_loops_log_the_same_run(tmp_path):
+    # The training loop with one dispatch per epoch (the accelerators' default) and with one
+    # per step (the CPU's): the same log lines, the first epoch's losses bitwise, later ones to
+    # float rounding (the updates differ in their last bits, see the test above).
+    cfg = tiny_config("loops", epochs=2, log_every_steps=1, seed=7)
+    data = blob_train_val()
+    runs = {}
+    for loop in ("device", "host"):
+        train_and_evaluate(cfg.replace(epoch_loop=loop), tmp_path / loop, data=data, progress=False)
+        runs[loop] = (_records(tmp_path / loop, "train"), _records(tmp_path / loop, "eval"))
+    (dev_train, dev_eval), (host_train, host_eval) = runs["device"], runs["host"]
+    assert [r["step"] for r in dev_train] == [r["step"] for r in host_train] == list(range(1, 9))
+    assert [r["loss"] for r in dev_train[:4]] == [r["loss"] for r in host_train[:4]]
+    np.testing.assert_allclose(
+        [r["loss"] for r in dev_train], [r["loss"] for r in host_train], rtol=1e-4
+    )
+    assert [r["step"] for r in dev_eval] == [r["step"] for r in host_eval] == [4, 8]
+    np.testing.assert_allclose(
+        [r["val_dsc"] for r in dev_eval], [r["val_dsc"] for r in host_eval], atol=1e-3
+    )
+    with pytest.raises(ValueError, match="epoch_loop"):
+        train_and_evaluate(cfg.replace(epoch_loop="gpu"), tmp_path / "bad", data=data)

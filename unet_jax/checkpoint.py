@@ -100,6 +100,49 @@ class TrainCheckpoints:
         """The validation DSC of the best checkpoint on disk, if any."""
         return self._best_metric
 
+    def reset_best_metric(self, metric: float | None) -> None:
+        """Compare later saves with ``metric``: the best so far as of the checkpoint a run
+        resumes from (a best checkpoint written after it, by a run killed before its next
+        ``latest``, is then written again by the resumed run, identically)."""
+        self._best_metric = None if metric is None else float(metric)
+
+    def is_better(self, metric: float) -> bool:
+        """Whether ``metric`` beats the best so far (the first one always does)."""
+        return self._best_metric is None or metric > self._best_metric
+
+    def save_latest(
+        self, step: int, model_state: dict, optimizer_state: Any, config: Config, meta: dict
+    ) -> None:
+        """Save as ``latest`` (what a resume restores), unless step ``step`` is there already."""
+        if self.latest.latest_step() != step:
+            self.latest.save(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardSave(model_state),
+                    opt=ocp.args.StandardSave(optimizer_state),
+                    meta=ocp.args.JsonSave(_meta(step, config, meta)),
+                ),
+                force=True,
+            )
+        self.latest.wait_until_finished()
+
+    def save_best(
+        self, step: int, model_state: dict, config: Config, meta: dict, metric: float
+    ) -> None:
+        """Save as ``best`` (model and meta only) and make ``metric`` the best so far."""
+        if self.best.latest_step() != step:
+            self.best.save(
+                step,
+                args=ocp.args.Composite(
+                    model=ocp.args.StandardSave(model_state),
+                    meta=ocp.args.JsonSave(_meta(step, config, meta)),
+                ),
+                metrics={BEST_METRIC: float(metric)},
+                force=True,
+            )
+        self.best.wait_until_finished()
+        self._best_metric = float(metric)
+
     def save(
         self,
         step: int,
@@ -115,31 +158,10 @@ class TrainCheckpoints:
         ``model_state``: :func:`unet_jax.model.model_to_pure`'s dict; ``optimizer_state``: any
         pytree (the trainer's optimiser state and step).
         """
-        items = {
-            "model": ocp.args.StandardSave(model_state),
-            "meta": ocp.args.JsonSave(_meta(step, config, meta)),
-        }
-        if self.latest.latest_step() != step:
-            self.latest.save(
-                step,
-                args=ocp.args.Composite(opt=ocp.args.StandardSave(optimizer_state), **items),
-                force=True,
-            )
-        self.latest.wait_until_finished()
-        if metric is None:
+        self.save_latest(step, model_state, optimizer_state, config, meta)
+        if metric is None or not self.is_better(metric):
             return False
-        best = self._best_metric
-        if best is not None and not metric > best:
-            return False
-        if self.best.latest_step() != step:
-            self.best.save(
-                step,
-                args=ocp.args.Composite(**items),
-                metrics={BEST_METRIC: float(metric)},
-                force=True,
-            )
-        self.best.wait_until_finished()
-        self._best_metric = float(metric)
+        self.save_best(step, model_state, config, meta, metric)
         return True
 
     def restore_latest(self, model_target: dict, opt_target: Any):

@@ -68,6 +68,12 @@ class Config:
     loss: str = "dice"
     seed: int = 42
 
+    #: How an epoch is dispatched on the resident path: ``device`` (the epoch's steps as one
+    #: compiled loop, ``lax.scan``), ``host`` (one dispatch per step) or ``auto``: ``device`` on
+    #: accelerators, ``host`` on the CPU, where XLA runs the loop's body several times slower
+    #: than the same step dispatched alone (benchmarks/RESULTS.md). Same batches and losses.
+    epoch_loop: str = "auto"
+
     # --- evaluation, checkpoints, logging -------------------------------------------------
     eval_every_epochs: int = 1
     threshold: float = 0.5

@@ -46,19 +46,27 @@ def make_predict_step(
     return step
 
 
-def predict_split(step, variables: Any, data: ResidentData) -> dict[str, np.ndarray]:
-    """Run ``step`` (from :func:`make_predict_step`) over every eval batch; host arrays of the
-    real (unpadded) slices in order: ``pred`` bool (N,H,W), ``py``, ``p``, ``y`` sums (N,)."""
+def dispatch_predictions(step, variables: Any, data: ResidentData) -> list[Any]:
+    """Queue ``step`` (from :func:`make_predict_step`) on every eval batch; nothing is fetched,
+    so the device works on while the host goes on (e.g. to dispatch the next epoch)."""
+    return [step(variables, data.arrays, b) for b in range(data.num_eval_batches)]
+
+
+def collect_predictions(dispatched: list[Any]) -> dict[str, np.ndarray]:
+    """Fetch :func:`dispatch_predictions`' outputs: host arrays of the real (unpadded) slices in
+    order: ``pred`` bool (N,H,W), ``py``, ``p``, ``y`` sums (N,)."""
     outs: dict[str, list[np.ndarray]] = {"pred": [], "py": [], "p": [], "y": []}
-    # Dispatch every batch before fetching any, so the device never waits for the host.
-    fetched = jax.device_get(
-        [step(variables, data.arrays, b) for b in range(data.num_eval_batches)]
-    )
-    for pred, py, p, y, valid in fetched:
+    for pred, py, p, y, valid in jax.device_get(dispatched):
         keep = np.asarray(valid, bool)
         for name, arr in zip(("pred", "py", "p", "y"), (pred, py, p, y)):
             outs[name].append(np.asarray(arr)[keep])
     return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def predict_split(step, variables: Any, data: ResidentData) -> dict[str, np.ndarray]:
+    """:func:`dispatch_predictions` then :func:`collect_predictions`: every batch is dispatched
+    before any is fetched, so the device never waits for the host."""
+    return collect_predictions(dispatch_predictions(step, variables, data))
 
 
 def per_volume(
@@ -154,6 +162,14 @@ def evaluate_split(
     ``predict_step``: :func:`make_predict_step` of ``val``; ``truth``: the validation masks at
     the model's input size (:func:`eval_truth`). Both are made once per run.
     """
-    out = predict_split(predict_step, variables, val)
+    return evaluate_dispatched(dispatch_predictions(predict_step, variables, val), val, truth)
+
+
+def evaluate_dispatched(
+    dispatched: list[Any], val: ResidentData, truth: np.ndarray
+) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray]:
+    """The host part of :func:`evaluate_split` (fetch, per-patient metrics, summary), for
+    predictions dispatched earlier; training runs it on a worker thread."""
+    out = collect_predictions(dispatched)
     rows = per_volume(out["pred"], truth, val.data, out)
     return summarize(rows), rows, out["pred"]

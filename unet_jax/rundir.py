@@ -174,6 +174,17 @@ class RunLog:
         ]
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
+    def has(self, kind: str, step: int) -> bool:
+        """Whether a record of type ``kind`` at ``step`` is in the log."""
+        if not (self.enabled and self.path.exists()):
+            return False
+        for ln in self.path.read_text().splitlines():
+            if ln.strip():
+                record = json.loads(ln)
+                if record.get("type") == kind and record.get("step") == step:
+                    return True
+        return False
+
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (it carries its ``type``: train, eval or summary)."""
         if not self.enabled:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 14's GPU measurements as one script for one device command (at most 560 s of steps, so
+# one call of at most 10 minutes holds it, with the machine's start on top):
+#
+#   OUT=gpu_out bash benchmarks/gpu_whole_runs.sh [quick]
+#
+# Whole experiments end to end (benchmarks/full_run.py, synthetic data of the real size and
+# shape, 256x256, 32 features): run1 with a cold and a warm compilation cache (compile times),
+# the baseline recipe (100 epochs, evaluation every epoch), the ablation (5 arms), then the XLA
+# A/B of the train step (benchmarks/train_step.py: as shipped, convolutions in command buffers,
+# one-pass BatchNorm statistics); cv5 only with WITH_CV5=1 (a second call). Each step has its own
+# limit; the carried wheels (.whl/) are installed first when present
+# (experiments/gpu_prepare.sh). Note: the synthetic data set is built once per full_run call.
+# `quick`: tiny sizes, for a dry run on the CPU.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+{ date -u; nvidia-smi --query-gpu=name,driver_version --format=csv 2>/dev/null; } > "$OUT/env.txt"
+SET=""; SYN=110,20,48; REPS=5; SIZE=256; FEATURES=32
+if [ "${1:-}" = quick ]; then
+  SET="--set image_size=32 --set features=4 --set epochs=2"; SYN=10,6,8; REPS=1; SIZE=32
+  FEATURES=4
+fi
+step() {  # step NAME LIMIT CMD...
+  local name=$1 limit=$2; shift 2
+  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "$name: rc $?"; tail -8 "$OUT/$name.log"
+}
+# shellcheck disable=SC2086
+step run1 120 $PY -m benchmarks.full_run --exp run1 --synthetic $SYN $SET --out "$OUT/run1.json"
+# shellcheck disable=SC2086
+step baseline 200 $PY -m benchmarks.full_run --exp baseline --caches cold --synthetic $SYN $SET \
+  --out "$OUT/baseline.json"
+# shellcheck disable=SC2086
+step ablation 130 $PY -m benchmarks.full_run --exp ablation --caches cold --synthetic $SYN $SET \
+  --out "$OUT/ablation.json"
+step xla_ab 110 $PY -m benchmarks.train_step --batch 16 --features "$FEATURES" \
+  --image-size "$SIZE" --reps $REPS \
+  --variants "jax;jax:flags=gpucmdconv;jax:fn;jax:fn,bn=onepass" --json "$OUT/xla_ab.json"
+[ "${WITH_CV5:-0}" = 1 ] || exit 0
+# shellcheck disable=SC2086
+step cv5 540 $PY -m benchmarks.full_run --exp cv5 --caches cold --synthetic $SYN $SET \
+  --out "$OUT/cv5.json"
