@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic", default="110,20,48", help="synthetic data: patients,min_slices,max_slices"
     )
     p.add_argument(
+        "--synthetic_dir",
+        default=None,
+        help="build the synthetic data set here once; reuse it where it is already built",
+    )
+    p.add_argument(
         "--caches",
         default="cold,warm",
         help="which runs: cold (empty compilation cache), warm (the filled one)",
@@ -127,13 +132,15 @@ def _run(exp: str, args, data_dir: Path, workdir: Path, cache: Path) -> dict[str
 
 def _synthetic_data(root: Path, spec: str) -> Path:
     from datasets.lgg_mri_segmentation import build
+    from unet_jax.data import is_built
     from unet_jax.synthetic import write_synthetic_kaggle3m
 
-    patients, low, high = (int(x) for x in spec.split(","))
-    manual = root / "manual"
-    write_synthetic_kaggle3m(manual, num_patients=patients, slices=(low, high), seed=0)
-    data_dir = root / "tfds"
-    build(manual, data_dir, "baseline")
+    data_dir = root / spec.replace(",", "_") / "tfds"
+    if not is_built(data_dir, "baseline"):
+        patients, low, high = (int(x) for x in spec.split(","))
+        manual = data_dir.parent / "manual"
+        write_synthetic_kaggle3m(manual, num_patients=patients, slices=(low, high), seed=0)
+        build(manual, data_dir, "baseline")
     return data_dir
 
 
@@ -163,7 +170,7 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
         if args.data_dir:
             data_dir, label = Path(args.data_dir), f"real data in {args.data_dir}"
         else:
-            data_dir = _synthetic_data(root / "data", args.synthetic)
+            data_dir = _synthetic_data(Path(args.synthetic_dir or root / "data"), args.synthetic)
             label = f"SYNTHETIC data ({args.synthetic}: patients,min_slices,max_slices)"
         log(f"data: {label}")
         rows = []

@@ -10,7 +10,7 @@
 # A/B of the train step (benchmarks/train_step.py: as shipped, convolutions in command buffers,
 # one-pass BatchNorm statistics); cv5 only with WITH_CV5=1 (a second call). Each step has its own
 # limit; the carried wheels (.whl/) are installed first when present
-# (experiments/gpu_prepare.sh). Note: the synthetic data set is built once per full_run call.
+# (experiments/gpu_prepare.sh). The synthetic data set is built once, in /tmp/unet_jax_syn.
 # `quick`: tiny sizes, for a dry run on the CPU.
 set -u
 OUT=${OUT:-gpu_out}
@@ -27,23 +27,24 @@ if [ "${1:-}" = quick ]; then
   SET="--set image_size=32 --set features=4 --set epochs=2"; SYN=10,6,8; REPS=1; SIZE=32
   FEATURES=4
 fi
+DATA="--synthetic $SYN --synthetic_dir /tmp/unet_jax_syn"
 step() {  # step NAME LIMIT CMD...
   local name=$1 limit=$2; shift 2
   timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: rc $?"; tail -8 "$OUT/$name.log"
 }
 # shellcheck disable=SC2086
-step run1 120 $PY -m benchmarks.full_run --exp run1 --synthetic $SYN $SET --out "$OUT/run1.json"
+step run1 120 $PY -m benchmarks.full_run --exp run1 $DATA $SET --out "$OUT/run1.json"
 # shellcheck disable=SC2086
-step baseline 200 $PY -m benchmarks.full_run --exp baseline --caches cold --synthetic $SYN $SET \
+step baseline 200 $PY -m benchmarks.full_run --exp baseline --caches cold $DATA $SET \
   --out "$OUT/baseline.json"
 # shellcheck disable=SC2086
-step ablation 130 $PY -m benchmarks.full_run --exp ablation --caches cold --synthetic $SYN $SET \
+step ablation 130 $PY -m benchmarks.full_run --exp ablation --caches cold $DATA $SET \
   --out "$OUT/ablation.json"
 step xla_ab 110 $PY -m benchmarks.train_step --batch 16 --features "$FEATURES" \
   --image-size "$SIZE" --reps $REPS \
   --variants "jax;jax:flags=gpucmdconv;jax:fn;jax:fn,bn=onepass" --json "$OUT/xla_ab.json"
 [ "${WITH_CV5:-0}" = 1 ] || exit 0
 # shellcheck disable=SC2086
-step cv5 540 $PY -m benchmarks.full_run --exp cv5 --caches cold --synthetic $SYN $SET \
+step cv5 540 $PY -m benchmarks.full_run --exp cv5 --caches cold $DATA $SET \
   --out "$OUT/cv5.json"
