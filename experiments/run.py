@@ -127,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         import jax
 
+        # Cross-process collectives on CPU devices (GPUs use NCCL whatever this says).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=args.coordinator_address,
             num_processes=args.num_processes,

@@ -1,7 +1,11 @@
 """Subprocess worker for test_train: trains a tiny config and dumps losses and parameters.
 
 Usage: python _train_worker.py WORKDIR OUT.npz [--kill-after-epoch E]
-(XLA_FLAGS may force several CPU devices; set by the parent.)
+       python _train_worker.py WORKDIR OUT.npz --distributed PROCESS PROCESSES PORT
+       python _train_worker.py WORKDIR OUT.npz --dump-only
+(XLA_FLAGS may force several CPU devices; set by the parent.) With ``--distributed`` the worker
+is one of PROCESSES processes of a jax.distributed run (coordinator on 127.0.0.1:PORT, CPU
+collectives by gloo) and only trains; ``--dump-only`` then dumps the run in one process.
 """
 
 import json
@@ -29,13 +33,25 @@ def main(argv):
     kill_after = (
         int(argv[argv.index("--kill-after-epoch") + 1]) if "--kill-after-epoch" in argv else None
     )
+    if "--distributed" in argv:
+        i = argv.index("--distributed")
+        process, processes, port = (int(x) for x in argv[i + 1 : i + 4])
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"127.0.0.1:{port}", processes, process)
 
     def on_epoch_end(epoch, _):
         if kill_after is not None and epoch == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    data = blob_train_val()
-    train_and_evaluate(CONFIG, workdir, data=data, on_epoch_end=on_epoch_end, progress=False)
+    if "--dump-only" not in argv:
+        data = blob_train_val()
+        train_and_evaluate(CONFIG, workdir, data=data, on_epoch_end=on_epoch_end, progress=False)
+        if "--distributed" in argv:
+            return
+    dump(workdir, out)
+
+
+def dump(workdir, out):
     model, _, _ = load_model(workdir, step=CONFIG.epochs * 4)
     flat = jax.tree_util.tree_flatten_with_path(model_to_pure(model))[0]
     arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}

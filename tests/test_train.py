@@ -77,6 +77,50 @@ def test_one_and_eight_devices_give_the_same_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
+    # jax.distributed with two local processes of one CPU device each (coordinator on loopback,
+    # gloo collectives): the global batch of 8 is split over the two processes as over two
+    # devices of one process. Same batches (same PRNG stream), so the losses agree to float
+    # rounding of the cross-process sums; parameters within the tolerance of the 1-vs-8-device
+    # test above. Only process 0 writes the run folder (one line per step, no duplicates).
+    import socket
+
+    one = _worker(tmp_path / "one", tmp_path / "one.npz", devices=2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+    )
+    wd = tmp_path / "two"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(wd), "-", "--distributed", str(i), "2", str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    dumped = _worker(wd, tmp_path / "two.npz", extra=("--dump-only",))
+    assert dumped.returncode == 0, dumped.stderr[-3000:]
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert [r["step"] for r in _records(wd, "train")] == list(range(1, 9))
+    assert [r["step"] for r in _records(wd, "eval")] == [4, 8]
+    np.testing.assert_allclose(a["losses"][:3], b["losses"][:3], rtol=1e-5)
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-3)
+    keys = [k for k in a.files if k not in ("losses", "devices")]
+    diff = np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
+    norm = np.sqrt(sum((a[k] ** 2).sum() for k in keys))
+    assert diff / norm < 0.05, diff / norm
+
+
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     straight = _worker(tmp_path / "straight", tmp_path / "straight.npz")
     assert straight.returncode == 0, straight.stderr[-3000:]

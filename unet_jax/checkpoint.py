@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -263,6 +264,12 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
         )
     config = Config.from_dict(meta["config"])
     model = abstract_model(config)
-    load_pure(model, ocp.StandardCheckpointer().restore(item / "model", model_to_pure(model)))
+    # Onto this process's first device, whatever the devices and hosts of the run that saved it
+    # (Orbax would otherwise restore onto the saved topology, e.g. two hosts' devices).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), model_to_pure(model)
+    )
+    load_pure(model, ocp.StandardCheckpointer().restore(item / "model", target))
     model.eval()
     return model, config, meta

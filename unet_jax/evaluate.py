@@ -10,6 +10,7 @@ one vector, averaged over volumes (independent of how slices are batched).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import metrics, preprocess
-from unet_jax.input_pipeline import ResidentData, SplitData
+from unet_jax.input_pipeline import ResidentData, SplitData, replicated
 
 
 def make_predict_step(
@@ -29,7 +30,9 @@ def make_predict_step(
     """
     logit_threshold = metrics.logit_threshold(threshold)
 
-    @jax.jit
+    # Replicated outputs: every process of a multi-host run can fetch them (a batch-sharded
+    # array spans other hosts' devices); on one host it is one gather of a small batch.
+    @partial(jax.jit, out_shardings=replicated(data.mesh))
     def step(variables, arrays, b):
         x, y, valid = data.eval_batch(b, arrays)
         logits = apply_fn(variables, x)
@@ -146,7 +149,7 @@ def eval_truth(val: ResidentData) -> np.ndarray:
     if val.aug.image_size is None:
         return val.data.masks[..., 0].astype(bool)
 
-    @jax.jit
+    @partial(jax.jit, out_shardings=replicated(val.mesh))
     def masks_of(arrays, b):
         return val.eval_batch(b, arrays)[1]
 
