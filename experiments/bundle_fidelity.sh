@@ -4,6 +4,8 @@
 #
 #   bash experiments/bundle_fidelity.sh [WORK] [EPOCHS] [SEEDS]   # defaults: /tmp/unet_jax_fidelity 2 "0 1"
 #
+# EXTRA adds settings to every run (e.g. EXTRA="--set image_size=64 --set features=8" for a
+# shorter measurement; the report must then say so).
 # Needs ../shared/lgg (the lossless data and its travel.py). Builds the baseline data set of each
 # copy once, trains cpu_quick (shortened to EPOCHS epochs) on each, then prints per-patient and
 # mean DSC differences (experiments/bundle_fidelity.py). At 2 epochs this is about 40 minutes on
@@ -22,9 +24,10 @@ mkdir -p "$WORK"
 for data in lossless bundle; do
   "$PY" -m datasets.lgg_mri_segmentation --manual_dir "$WORK/$data" --data_dir "$WORK/tfds_$data" \
     --config baseline
+  # shellcheck disable=SC2086  # EXTRA is a word list on purpose
   for seed in $SEEDS; do
     "$PY" -m experiments.run --exp=cpu_quick --data_dir "$WORK/tfds_$data" \
-      --workdir "$WORK/runs/${data}_seed$seed" --set seed="$seed" --set epochs="$EPOCHS"
+      --workdir "$WORK/runs/${data}_seed$seed" --set seed="$seed" --set epochs="$EPOCHS" ${EXTRA:-}
   done
 done
 "$PY" -m experiments.bundle_fidelity "$WORK/runs" $SEEDS

@@ -82,27 +82,21 @@ class ConvBlock(nnx.Module):
     """2 x (3x3 conv without bias -> BatchNorm -> ReLU)."""
 
     def __init__(self, in_channels: int, features: int, *, dtype, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(
-            in_channels,
-            features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=_torch_kernel_init,
-            rngs=rngs,
-        )
+        def conv3x3(channels_in: int) -> nnx.Conv:
+            return nnx.Conv(
+                channels_in,
+                features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                dtype=dtype,
+                kernel_init=_torch_kernel_init,
+                rngs=rngs,
+            )
+
+        self.conv1 = conv3x3(in_channels)
         self.norm1 = BatchNorm(features, dtype=dtype)
-        self.conv2 = nnx.Conv(
-            features,
-            features,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=_torch_kernel_init,
-            rngs=rngs,
-        )
+        self.conv2 = conv3x3(features)
         self.norm2 = BatchNorm(features, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
