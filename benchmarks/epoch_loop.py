@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any
     from unet_jax.config import Config
     from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
     from unet_jax.synthetic import disc_split
-    from unet_jax.train import Trainer
+    from unet_jax.trainer import Trainer
 
     info = machine_info()
     log(format_machine(info))

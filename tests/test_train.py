@@ -233,7 +233,7 @@ def test_streaming_path_trains_like_the_resident_one(tmp_path):
 
 def _resident_trainer(cfg, split):
     from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
-    from unet_jax.train import Trainer
+    from unet_jax.trainer import Trainer
 
     mesh = make_mesh()
     aug = AugmentSpec(cfg.aug_scale, cfg.aug_angle, cfg.aug_flip, None)
