@@ -24,6 +24,13 @@ def _records(workdir, kind):
     return [r for r in map(json.loads, lines) if r["type"] == kind]
 
 
+def _relative_param_gap(a, b) -> float:
+    """Relative L2 distance between the parameters of two worker dumps."""
+    keys = [k for k in a.files if k not in ("losses", "devices")]
+    diff = np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
+    return float(diff / np.sqrt(sum((a[k] ** 2).sum() for k in keys)))
+
+
 def _worker(workdir, out, devices=1, extra=()):
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -70,10 +77,7 @@ def test_one_and_eight_devices_give_the_same_run(tmp_path):
     assert int(a["devices"]) == 1 and int(b["devices"]) == 8
     np.testing.assert_allclose(a["losses"][:3], b["losses"][:3], rtol=1e-5)
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-3)
-    keys = [k for k in a.files if k not in ("losses", "devices")]
-    diff = np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
-    norm = np.sqrt(sum((a[k] ** 2).sum() for k in keys))
-    assert diff / norm < 0.05, diff / norm
+    assert _relative_param_gap(a, b) < 0.05, _relative_param_gap(a, b)
 
 
 @pytest.mark.slow
@@ -114,10 +118,7 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
     assert [r["step"] for r in _records(wd, "eval")] == [4, 8]
     np.testing.assert_allclose(a["losses"][:3], b["losses"][:3], rtol=1e-5)
     np.testing.assert_allclose(a["losses"], b["losses"], rtol=1e-3)
-    keys = [k for k in a.files if k not in ("losses", "devices")]
-    diff = np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in keys))
-    norm = np.sqrt(sum((a[k] ** 2).sum() for k in keys))
-    assert diff / norm < 0.05, diff / norm
+    assert _relative_param_gap(a, b) < 0.05, _relative_param_gap(a, b)
 
 
 @pytest.mark.slow
