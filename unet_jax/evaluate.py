@@ -157,22 +157,13 @@ def eval_truth(val: ResidentData) -> np.ndarray:
     return np.concatenate(out)[: val.data.num_examples] >= 0.5
 
 
-def evaluate_split(
-    variables: Any, val: ResidentData, predict_step: Callable, truth: np.ndarray
-) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray]:
-    """Per-patient metrics of the model ``variables`` on ``val``: (summary, rows, binary preds).
-
-    ``predict_step``: :func:`make_predict_step` of ``val``; ``truth``: the validation masks at
-    the model's input size (:func:`eval_truth`). Both are made once per run.
-    """
-    return evaluate_dispatched(dispatch_predictions(predict_step, variables, val), val, truth)
-
-
 def evaluate_dispatched(
     dispatched: list[Any], val: ResidentData, truth: np.ndarray
 ) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray]:
-    """The host part of :func:`evaluate_split` (fetch, per-patient metrics, summary), for
-    predictions dispatched earlier; training runs it on a worker thread."""
+    """Per-patient metrics of predictions dispatched earlier (:func:`dispatch_predictions`):
+    fetch, per-volume rows, summary; returns (summary, rows, binary preds). ``truth``: the
+    validation masks at the model's input size (:func:`eval_truth`, made once per run).
+    Training runs it on a worker thread."""
     out = collect_predictions(dispatched)
     rows = per_volume(out["pred"], truth, val.data, out)
     return summarize(rows), rows, out["pred"]
