@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from experiments.data import ensure_built, load_run_data
 from unet_jax import lgg
-from unet_jax.config import Config
+from unet_jax.config import Config, ConfigError
 from unet_jax.data import (
     DataNotFoundError,
     configured_data_dir,
@@ -82,11 +82,12 @@ def test_folds_are_patient_folds_over_all_patients(synthetic_tfds_dir, synthetic
 
 
 @pytest.mark.parametrize(
-    "changes", [{"split": "fold", "fold": 3, "num_folds": 3}, {"split": "kfold"}]
+    "changes,named",
+    [({"split": "fold", "fold": 3, "num_folds": 3}, "'fold' = 3"), ({"split": "kfold"}, "split")],
 )
-def test_bad_split_or_fold(synthetic_tfds_dir, changes):
-    with pytest.raises(ValueError):
-        load_data(dataclasses.replace(Config(), **changes), synthetic_tfds_dir)
+def test_bad_split_or_fold_is_refused_before_any_data_is_read(changes, named):
+    with pytest.raises(ConfigError, match=named):
+        dataclasses.replace(Config(), **changes)
 
 
 def test_not_built_names_the_folder_and_the_download(tmp_path):
@@ -112,8 +113,8 @@ def test_configured_data_dir(tmp_path):
     )
     with pytest.raises(ValueError, match="workdir"):
         configured_data_dir(synthetic)
-    with pytest.raises(ValueError, match="unknown data source"):
-        configured_data_dir(Config(source="mnist"))
+    with pytest.raises(ConfigError, match="'source' = 'mnist'"):
+        Config(source="mnist")
 
 
 def test_ensure_built_builds_once_from_the_manual_dir(

@@ -59,8 +59,6 @@ def configured_data_dir(config: Config, workdir: str | Path | None = None) -> Pa
                 "experiments.data.ensure_built(config, workdir)"
             )
         return Path(workdir) / "synthetic" / "tfds"
-    if config.source != "lgg":
-        raise ValueError(f"unknown data source {config.source!r}; valid: lgg, synthetic")
     return Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()
 
 
@@ -127,10 +125,7 @@ def load_data(config: Config, data_dir: str | Path | None = None) -> tuple[Split
       DataNotFoundError: the data set is not built there (with the download instructions).
       ValueError: an unknown split or an out-of-range fold.
     """
-    if config.split not in ("holdout", "fold"):
-        raise ValueError(f"unknown split {config.split!r}; valid: holdout, fold")
-    if config.split == "fold" and not 0 <= config.fold < config.num_folds:
-        raise ValueError(f"fold {config.fold} is not in 0..{config.num_folds - 1}")
+    # Source, split and fold were validated when the config was built (unet_jax.config).
     data_dir = configured_data_dir(config) if data_dir is None else Path(data_dir)
     train = read_split(data_dir, config.dataset_config, "train")
     val = read_split(data_dir, config.dataset_config, "validation")
