@@ -16,6 +16,7 @@ from unet_jax.checkpoint import (
     CheckpointError,
     TrainCheckpoints,
     abstract_model,
+    all_finite,
     load_model,
     save_model_checkpoint,
 )
@@ -114,3 +115,109 @@ def test_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "no_model" / "3").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no 'model' item"):
         load_model(tmp_path / "no_model")
+
+
+def _opt(step: int) -> dict:
+    return {"step": jnp.asarray(step, jnp.int32), "m": jnp.full(3, float(step))}
+
+
+def _damage(step_dir: Path, how: str) -> None:
+    """Damage a saved step as a full disk or a partial copy would."""
+    if how == "data":  # the largest array data file, cut short
+        data = [f for f in (step_dir / "model").rglob("*") if f.is_file() and f.parent.name == "d"]
+        with open(max(data, key=lambda f: f.stat().st_size), "r+b") as f:
+            f.truncate(100)
+    elif how == "meta":  # the JSON item, emptied
+        (step_dir / "meta" / "metadata").write_text("")
+
+
+def _assert_one_line(err: BaseException, *parts: str) -> None:
+    message = str(err)
+    assert "\n" not in message, message
+    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
+    for part in parts:
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize("how", ["data", "meta", "nan"])
+def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, capsys, how):
+    models = {s: model_to_pure(_model(s)) for s in (1, 2, 3)}
+    if how == "nan":  # saved before the loss check caught it, say: not a checkpoint to use
+        models[2] = jax.tree.map(lambda x: x * jnp.nan, models[2])
+    ckpts = TrainCheckpoints(tmp_path, keep_latest=2)
+    for step in (1, 2):
+        ckpts.save_latest(step, models[step], _opt(step), CONFIG, {"epoch": step})
+    ckpts.close()
+    latest = tmp_path.absolute() / "checkpoints" / "latest"
+    _damage(latest / "2", how)
+
+    ckpts = TrainCheckpoints(tmp_path, keep_latest=2)
+    model_s, opt_s, meta = ckpts.restore_latest(models[1], _opt(0))
+    assert meta["step"] == 1 and int(opt_s["step"]) == 1
+    _assert_same(model_s, models[1])
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and f"{latest / '2'} cannot be restored" in warnings[0]
+    assert "resuming from step 1" in warnings[0]
+    # The damaged step is kept aside, out of the manager's way: the resumed run saves it again.
+    assert (tmp_path / "checkpoints" / "corrupt" / "latest-2" / "model").is_dir()
+    assert ckpts.latest.all_steps() == [1]
+    ckpts.save_latest(2, models[3], _opt(2), CONFIG, {"epoch": 2})
+    model_s, _, meta = ckpts.restore_latest(models[1], _opt(0))
+    assert meta["step"] == 2
+    _assert_same(model_s, models[3])
+    ckpts.close()
+
+
+def test_damaged_only_latest_is_a_one_line_error(tmp_path):
+    models = {s: model_to_pure(_model(s)) for s in (1, 2)}
+    ckpts = TrainCheckpoints(tmp_path, keep_latest=1)  # no earlier step to fall back to
+    for step in (1, 2):
+        ckpts.save_latest(step, models[step], _opt(step), CONFIG, {"epoch": step})
+    step_dir = tmp_path.absolute() / "checkpoints" / "latest" / "2"
+    _damage(step_dir, "data")
+    with pytest.raises(CheckpointError) as e:
+        ckpts.restore_latest(models[1], _opt(0))
+    _assert_one_line(e.value, f"{step_dir} cannot be restored", "only one kept", "--restart")
+    assert step_dir.is_dir() and ckpts.latest.all_steps() == [2]  # nothing moved
+    ckpts.close()
+
+
+def test_damaged_checkpoints_for_use_are_one_line_errors(tmp_path):
+    # load_model (predict): a damaged model item.
+    save_model_checkpoint(tmp_path / "m", _model(1), CONFIG)
+    step_dir = (tmp_path / "m" / "0").absolute()
+    _damage(step_dir, "data")
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "m")
+    _assert_one_line(e.value, f"the checkpoint {step_dir} cannot be restored", "damaged")
+
+    # A training workdir whose best checkpoint lost its meta: named when the run resumes.
+    ckpts = TrainCheckpoints(tmp_path / "run")
+    meta = {"epoch": 1, "metrics": {"val_dsc": 0.5}}
+    ckpts.save(1, model_to_pure(_model(1)), _opt(1), CONFIG, meta, metric=0.5)
+    ckpts.close()
+    best = (tmp_path / "run" / "checkpoints" / "best" / "1").absolute()
+    _damage(best, "meta")
+    with pytest.raises(CheckpointError) as e:
+        TrainCheckpoints(tmp_path / "run")
+    _assert_one_line(e.value, f"the best checkpoint {best} is damaged", "delete that folder")
+
+
+def test_all_finite():
+    tree = {
+        "a": jnp.ones((2, 3)),
+        "h": jnp.ones(2, jnp.bfloat16),
+        "b": np.zeros(4, np.float32),
+        "c": 1.5,
+        "i": jnp.arange(3),  # integers and text are never non-finite
+        "s": "text",
+        "n": None,
+    }
+    assert all_finite(tree) and all_finite({}) and all_finite(model_to_pure(_model(1)))
+    for key, bad in [
+        ("a", jnp.ones((2, 3)).at[1, 2].set(jnp.nan)),
+        ("h", jnp.array([1, -jnp.inf], jnp.bfloat16)),
+        ("b", np.array([0, np.inf], np.float32)),
+        ("c", float("nan")),
+    ]:
+        assert not all_finite({**tree, key: bad}), key

@@ -18,16 +18,25 @@ reads saved metrics back from disk).
 A model-only checkpoint (``model`` + ``meta``, no ``opt``), as written by
 ``python -m unet_jax.convert``, has the same layout at its top level, so
 :func:`load_model` reads either kind.
+
+Damage: Orbax finalises a checkpoint by renaming its folder, so a kill mid-save leaves no
+partial step; a step's files can still be damaged afterwards (a full disk, a partial copy of a
+workdir). :meth:`TrainCheckpoints.restore_latest` then falls back to the previous ``latest``
+step when one is kept (``keep_latest`` >= 2), moving the damaged one to
+``checkpoints/corrupt/``; otherwise, and in :func:`load_model`, a one-line
+:class:`CheckpointError` names the damaged folder.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -37,10 +46,70 @@ from unet_jax.rundir import CHECKPOINTS_DIRNAME
 
 BEST_METRIC = "val_dsc"
 FORMAT = "unet_jax.checkpoint/1"
+#: Sub-folder of ``checkpoints/`` that receives damaged ``latest`` steps, out of Orbax's way.
+CORRUPT_DIRNAME = "corrupt"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint directory is missing, not ours, or does not match the model."""
+    """A checkpoint directory is missing, not ours, damaged, or does not match the model."""
+
+
+def all_finite(tree: Any) -> bool:
+    """Whether every floating-point value of a pytree is finite (no NaN or infinity).
+
+    Leaves may be JAX arrays (sharded ones included: the check runs where they live and only a
+    flag per leaf comes back), NumPy arrays or scalars and Python numbers; integer, boolean and
+    non-numeric leaves count as finite.
+    """
+    on_device = []
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact):
+                on_device.append(leaf)
+        elif isinstance(leaf, (np.ndarray, np.generic)):
+            if jnp.issubdtype(leaf.dtype, jnp.inexact) and not np.isfinite(leaf).all():
+                return False
+        elif isinstance(leaf, (float, complex)) and not np.isfinite(leaf):
+            return False
+    return not on_device or bool(_finite_flags(on_device).all())
+
+
+@jax.jit
+def _finite_flags(leaves: list[jax.Array]) -> jax.Array:
+    """One flag per array: all of its values are finite (one program for a whole tree)."""
+    return jnp.stack([jnp.isfinite(x).all() for x in leaves])
+
+
+def _one_line(err: BaseException, limit: int = 250) -> str:
+    """``Type: first line of the message`` of the error's root cause (Orbax wraps the
+    TensorStore error that says what is wrong), shortened to ``limit`` characters."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ignore_closed_loop_noise() -> None:
+    """Keep a failed Orbax restore to its one error.
+
+    When a read fails, the reads still in flight complete later on a closed asyncio loop and
+    each prints an "Event loop is closed" traceback through ``sys.unraisablehook``, tens of
+    them, after the error itself. This wraps the hook (once per process) to drop exactly that
+    error; every other one goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_unet_jax_quiet", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._unet_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def build_model(config: Config, seed: int = 0) -> UNet:
@@ -85,17 +154,24 @@ class TrainCheckpoints:
     """The ``latest`` and ``best`` checkpoint managers of one training workdir."""
 
     def __init__(self, workdir: str | Path, keep_latest: int = 1):
-        root = Path(workdir).absolute() / CHECKPOINTS_DIRNAME
-        self.latest = _manager(root / "latest", max_to_keep=keep_latest)
-        self.best = _best_manager(root / "best")
+        self.root = Path(workdir).absolute() / CHECKPOINTS_DIRNAME
+        self.latest = _manager(self.root / "latest", max_to_keep=keep_latest)
+        self.best = _best_manager(self.root / "best")
         self._best_metric: float | None = self._read_best_metric()  # then kept by save()
 
     def _read_best_metric(self) -> float | None:
         step = self.best.best_step()
         if step is None:
             return None
-        meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        return float(meta["metrics"][BEST_METRIC])
+        try:
+            meta = self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return float(meta["meta"]["metrics"][BEST_METRIC])
+        except Exception as err:  # any damage: one line naming the folder
+            folder = self.best.directory / str(step)
+            raise CheckpointError(
+                f"the best checkpoint {folder} is damaged ({_one_line(err)}): delete that "
+                "folder to resume without it, or start over with --restart"
+            ) from None
 
     def best_metric(self) -> float | None:
         """The validation DSC of the best checkpoint on disk, if any."""
@@ -167,19 +243,74 @@ class TrainCheckpoints:
 
     def restore_latest(self, model_target: dict, opt_target: Any):
         """``(model_state, optimizer_state, meta)`` of the latest checkpoint, or None if there
-        is none (the targets give the structure to restore into)."""
-        step = self.latest.latest_step()
-        if step is None:
+        is none (the targets give the structure to restore into).
+
+        A step that cannot be restored (damaged or missing files, non-finite parameters) is
+        skipped for the previous kept one: once an earlier step restores, the damaged ones are
+        moved to ``checkpoints/corrupt/`` (so that the resumed run saves those steps again)
+        and a one-line warning names the damaged folder.
+
+        Raises:
+          CheckpointError: no kept step can be restored (one line naming the newest step's
+            folder and the way out: --restart).
+        """
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        if not steps:
             return None
-        out = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(model_target),
-                opt=ocp.args.StandardRestore(opt_target),
-                meta=ocp.args.JsonRestore(),
-            ),
+        _ignore_closed_loop_noise()
+        damaged: list[int] = []
+        first_error = ""
+        for step in steps:
+            try:
+                out = self.latest.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        model=ocp.args.StandardRestore(model_target),
+                        opt=ocp.args.StandardRestore(opt_target),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+                if not all_finite(out["model"]):
+                    raise ValueError("its parameters hold NaN or infinite values")
+            except Exception as err:  # any damage: try the previous step
+                first_error = first_error or _one_line(err)
+                damaged.append(step)
+                continue
+            if damaged:
+                self._set_aside(damaged)
+                if jax.process_index() == 0:
+                    print(
+                        f"warning: the latest checkpoint {self._step_dir(steps[0])} cannot be "
+                        f"restored ({first_error}); resuming from step {step} instead (damaged "
+                        f"step(s) {damaged} moved to {self.root / CORRUPT_DIRNAME})",
+                        file=sys.stderr,
+                    )
+            return out["model"], out["opt"], out["meta"]
+        only = "it is the only one kept" if len(steps) == 1 else "no earlier one restores either"
+        raise CheckpointError(
+            f"the latest checkpoint {self._step_dir(steps[0])} cannot be restored "
+            f"({first_error}) and {only}: start over with --restart (deletes the run)"
         )
-        return out["model"], out["opt"], out["meta"]
+
+    def _step_dir(self, step: int) -> Path:
+        return Path(self.latest.directory) / str(step)
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged ``latest`` steps to ``checkpoints/corrupt/latest-<step>`` (process 0;
+        the others wait), then have the manager forget them."""
+        if jax.process_index() == 0:
+            corrupt = self.root / CORRUPT_DIRNAME
+            corrupt.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target = corrupt / f"latest-{step}"
+                n = 1
+                while target.exists():
+                    n += 1
+                    target = corrupt / f"latest-{step}-{n}"
+                self._step_dir(step).rename(target)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes("unet_jax_checkpoint_set_aside")
+        self.latest.reload()
 
     def close(self) -> None:
         self.latest.close()
@@ -262,7 +393,12 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
         raise CheckpointError(
             f"{item} is not a unet_jax checkpoint (format {meta.get('format')!r})"
         )
-    config = Config.from_dict(meta["config"])
+    try:
+        config = Config.from_dict(meta["config"])
+    except Exception as e:  # a meta without a valid config
+        raise CheckpointError(
+            f"{item} is not a unet_jax checkpoint: its meta holds no valid config ({_one_line(e)})"
+        ) from None
     model = abstract_model(config)
     # Onto this process's first device, whatever the devices and hosts of the run that saved it
     # (Orbax would otherwise restore onto the saved topology, e.g. two hosts' devices).
@@ -270,6 +406,13 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), model_to_pure(model)
     )
-    load_pure(model, ocp.StandardCheckpointer().restore(item / "model", target))
+    _ignore_closed_loop_noise()
+    try:
+        load_pure(model, ocp.StandardCheckpointer().restore(item / "model", target))
+    except Exception as e:  # damaged files or another model: one line
+        raise CheckpointError(
+            f"the checkpoint {item} cannot be restored, it is damaged or for another model "
+            f"({_one_line(e)})"
+        ) from None
     model.eval()
     return model, config, meta
