@@ -1,7 +1,8 @@
 """Run an experiment: ``python -m experiments.run --exp=NAME``.
 
     python -m experiments.run --exp=NAME [--workdir DIR] [--data_dir D] [--manual_dir M]
-                              [--set key=value ...] [--restart] [--distributed]
+                              [--set key=value ...] [--seeds S1,S2,..] [--restart]
+                              [--distributed]
                               [--compile_cache DIR|none]
 
 Experiments live in ``experiments/configs/`` (one module each; its docstring says what it
@@ -10,7 +11,9 @@ reproduces and what we measured). The resolved config is printed and saved as
 config on an existing workdir is refused unless ``--restart`` is given. Multi-run experiments
 (``ablation``, ``cv5``) put each run in ``<workdir>/<run>`` and write a comparison report; their
 runs share compiled programs through the persistent compilation cache (on by default,
-:mod:`unet_jax.compile_cache`).
+:mod:`unet_jax.compile_cache`). ``--seeds 0,1,2`` repeats every run once per seed (sub-folders
+``seed<N>``); with ``--set pack_runs=true`` a run's seeds train side by side in one program
+(:func:`unet_jax.train.train_runs`; it pays on accelerators: ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="RUN",
         help="multi-run experiments: run only these sub-runs (repeatable)",
+    )
+    parser.add_argument(
+        "--seeds",
+        metavar="S1,S2,...",
+        help="train every (sub-)run once per seed, in <workdir>[/<run>]/seed<S> (the "
+        "comparison shows the seed-to-seed spread); with --set pack_runs=true the seeds of a "
+        "run train side by side in one program",
     )
     parser.add_argument(
         "--restart",
@@ -97,7 +107,43 @@ def resolve(name: str, args: argparse.Namespace) -> dict[str, Config]:
         if unknown:
             raise ValueError(f"unknown sub-run(s) {unknown} of {name}; valid: {', '.join(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only}
-    return {k: override(c, changes) for k, c in runs.items()}
+    runs = {k: override(c, changes) for k, c in runs.items()}
+    if args.seeds:
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(
+                f"--seeds needs integers separated by commas, got {args.seeds!r}"
+            ) from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds needs distinct integers, got {args.seeds!r}")
+        multi = configs.is_multi_run(name)
+        runs = {
+            f"{k}/seed{s}" if multi else f"seed{s}": c.replace(name=f"{c.name}-seed{s}", seed=s)
+            for k, c in runs.items()
+            for s in seeds
+        }
+    return runs
+
+
+def groups(runs: dict[str, Config]) -> list[list[str]]:
+    """The sub-runs in order, those to be packed together (``pack_runs``: runs that differ only
+    in their seed, on data that does not depend on the seed) in one group."""
+    from unet_jax.train import packable
+
+    out: list[list[str]] = []
+    for name, config in runs.items():
+        last = out[-1] if out else None
+        if (
+            last
+            and config.pack_runs
+            and config.source != "synthetic"  # synthetic data is generated from the seed
+            and packable([runs[last[0]], config])
+        ):
+            last.append(name)
+        else:
+            out.append([name])
+    return out
 
 
 def _write_report(config: Config, workdir: Path) -> None:
@@ -137,20 +183,31 @@ def main(argv: list[str] | None = None) -> int:
 
     from experiments.data import load_run_data
     from unet_jax.data import DataNotFoundError
-    from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_and_evaluate
+    from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_runs
 
     root = Path(args.workdir or Path("runs") / args.exp)
-    multi = configs.is_multi_run(args.exp)
-    run_dirs = {}
-    for run_name, config in runs.items():
-        workdir = root / run_name if multi else root
-        run_dirs[run_name] = workdir
-        print(f"=== {args.exp}{'/' + run_name if multi else ''} -> {workdir}\n{config.to_json()}")
+    multi = configs.is_multi_run(args.exp) or bool(args.seeds)
+    run_dirs = {name: root / name if multi else root for name in runs}
+    grouped = groups(runs)
+    if any(c.pack_runs for c in runs.values()) and all(len(g) == 1 for g in grouped):
+        print(
+            "pack_runs: nothing to pack (only runs that differ in their seed alone pack, and "
+            "not on synthetic data, which is generated from the seed)"
+        )
+    for group in grouped:
+        for run_name in group:
+            label = f"{args.exp}{'/' + run_name if multi else ''}"
+            print(f"=== {label} -> {run_dirs[run_name]}\n{runs[run_name].to_json()}")
+        if len(group) > 1:
+            print(f"=== packed: {', '.join(group)} train side by side in one program")
+        group_configs = [runs[n] for n in group]
+        group_dirs = [run_dirs[n] for n in group]
         try:
-            # Built (if needed) and read once train_and_evaluate has prepared the workdir.
-            data = functools.partial(load_run_data, config, workdir)
-            train_and_evaluate(config, workdir, restart=args.restart, data=data)
-            _write_report(config, workdir)
+            # Built (if needed) and read once the workdirs are prepared; one copy for the group.
+            data = functools.partial(load_run_data, group_configs[0], group_dirs[0])
+            train_runs(group_configs, group_dirs, restart=args.restart, data=data)
+            for config, workdir in zip(group_configs, group_dirs):
+                _write_report(config, workdir)
         except DataNotFoundError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

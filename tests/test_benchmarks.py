@@ -426,3 +426,17 @@ def test_epoch_loop_times_both_dispatch_modes(fast_prng):
     assert set(out["times"]) == {"device loop (lax.scan)", "host steps"}
     assert all(len(v) == 1 and v[0] > 0 for v in out["times"].values())
     assert "| host steps |" in out["table"] and "1.00x" in out["table"]
+
+
+def test_packed_runs_times_alone_and_both_packings(fast_prng):
+    from benchmarks import packed_runs
+
+    out = packed_runs.main(
+        ["--runs", "2", "--image-size", "16", "--features", "2", "--batch", "4",
+         "--synthetic", "2,4,16", "--reps", "1"]
+    )  # fmt: skip
+    assert set(out["results"]) == {2}
+    times = out["results"][2]["times"]
+    assert set(times) == {"alone", "vmap", "unroll"}
+    assert all(len(v) == 1 and v[0] > 0 for v in times.values())
+    assert "| 2 | vmap |" in out["table"] and "| 2 | alone |" in out["table"]

@@ -80,3 +80,30 @@ def test_real_data_experiment_without_data_gives_download_instructions(tmp_path,
     assert code == 2
     err = capsys.readouterr().err
     assert "kaggle" in err.lower() and "Traceback" not in err and "--manual_dir" in err
+
+
+def test_seeds_repeat_every_run_and_only_seeds_of_one_run_on_real_data_pack():
+    from experiments.run import groups, parse_args, resolve
+
+    args = parse_args(["--exp=ablation", "--seeds", "0,1", "--set", "pack_runs=true"])
+    runs = resolve("ablation", args)
+    assert list(runs)[:3] == ["run1/seed0", "run1/seed1", "batch32/seed0"]
+    assert len(runs) == 10
+    assert runs["lr1e-3/seed1"].seed == 1 and runs["lr1e-3/seed1"].learning_rate == 1e-3
+    assert runs["lr1e-3/seed1"].name == "ablation-lr1e-3-seed1"
+    # Each arm's two seeds pack; arms differ in more than the seed and stay apart.
+    assert groups(runs) == [
+        [f"{arm}/seed0", f"{arm}/seed1"]
+        for arm in ("run1", "batch32", "lr1e-3", "wd1e-4", "epochs10")
+    ]
+    # Without pack_runs, or on synthetic data (generated from the seed), nothing packs.
+    plain = resolve("ablation", parse_args(["--exp=ablation", "--seeds", "0,1"]))
+    assert all(len(g) == 1 for g in groups(plain))
+    synth = resolve(
+        "smoke", parse_args(["--exp=smoke", "--seeds", "0,1", "--set", "pack_runs=true"])
+    )
+    assert list(synth) == ["seed0", "seed1"]  # <workdir>/seed0, <workdir>/seed1
+    assert all(len(g) == 1 for g in groups(synth))
+    for bad in ("0,0", "a,b", ","):
+        with pytest.raises(ValueError, match="--seeds"):
+            resolve("smoke", parse_args(["--exp=smoke", "--seeds", bad]))

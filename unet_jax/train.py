@@ -40,13 +40,15 @@ from unet_jax.input_pipeline import (
     make_mesh,
 )
 from unet_jax.rundir import ConfigMismatchError
-from unet_jax.trainer import Trainer
+from unet_jax.trainer import PackedTrainer, Trainer
 
 __all__ = [
     "ConfigMismatchError",  # defined in rundir; re-exported because train_and_evaluate raises it
     "NonFiniteLossError",
     "compile_seconds",
+    "packable",
     "train_and_evaluate",
+    "train_runs",
 ]
 
 
@@ -242,10 +244,66 @@ def train_and_evaluate(
     saved as ``latest`` before the exception propagates; a whole-epoch dispatch completes first,
     so the checkpoint is at most one epoch later than the moment of the interrupt.
     """
+    return train_runs(
+        [config],
+        [workdir],
+        data=data,
+        restart=restart,
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+    )[0]
+
+
+def packable(configs: list[Config]) -> bool:
+    """Whether runs of these configs can share one program: the same config but for ``name``,
+    ``seed`` and the packing settings."""
+    ignored = ("name", "seed", "pack_runs", "pack_mode")
+    keys = [{k: v for k, v in c.to_dict().items() if k not in ignored} for c in configs]
+    return all(k == keys[0] for k in keys[1:])
+
+
+def train_runs(
+    configs: list[Config],
+    workdirs: list[str | Path],
+    *,
+    data: tuple[SplitData, SplitData] | Callable[[], tuple[SplitData, SplitData]] | None = None,
+    restart: bool = False,
+    progress: bool | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train several runs that differ only in their seed side by side in one program (packed
+    runs, :class:`unet_jax.trainer.PackedTrainer`); one config is :func:`train_and_evaluate`.
+
+    Every run has its own workdir, log, checkpoints, evaluations and summary, exactly as when
+    trained alone (``config.pack_mode``: ``unroll`` is bit-for-bit the lone runs on the CPU,
+    ``vmap`` fills an accelerator); ``data`` is shared (it must not depend on the seed). Runs
+    resumed from checkpoints at different steps (an interrupt between their saves) continue
+    one after another. ``on_epoch_end`` is called for every run's epochs. A non-finite loss in
+    any run stops all of them (each keeps its last checkpoint; resume the others alone).
+    """
+    if len(configs) != len(workdirs) or not configs:
+        raise ValueError(f"{len(configs)} configs for {len(workdirs)} workdirs")
+    workdirs = [Path(w).absolute() for w in workdirs]
+    if len(set(workdirs)) != len(workdirs):
+        raise ValueError(f"packed runs need distinct workdirs, got {workdirs}")
+    if not packable(configs):
+        raise ValueError(
+            "packed runs must differ only in name and seed: "
+            f"{[c.name for c in configs]} differ in more"
+        )
     t_start, compile_start = time.perf_counter(), compile_seconds()
-    workdir = Path(workdir).absolute()
+    config = configs[0]
     is_main = jax.process_index() == 0
-    rundir.prepare_workdir(config, workdir, restart, write_config=is_main)
+    for c, w in zip(configs, workdirs):
+        rundir.prepare_workdir(c, w, restart, write_config=is_main)
+    if len(configs) > 1:
+        steps = {_latest_step(c, w) for c, w in zip(configs, workdirs)}
+        if len(steps) > 1:
+            print(f"packed runs resume at different steps {sorted(steps)}: one after another")
+            return [
+                train_runs([c], [w], data=data, progress=progress, on_epoch_end=on_epoch_end)[0]
+                for c, w in zip(configs, workdirs)
+            ]
     if data is None:
         data = load_data(config)
     elif callable(data):
@@ -260,6 +318,8 @@ def train_and_evaluate(
     )
     streaming = None
     if not fits_on_device(train_split, config.device_memory_budget_gb):
+        if len(configs) > 1:
+            raise ValueError("packed runs need the training data resident on the device")
         # Over the device-memory budget: the same batches, read by grain from host records.
         streaming = StreamingData(
             _HostRecords(train_split), train_split, mesh, config.batch_size, config.sampling, aug
@@ -273,32 +333,167 @@ def train_and_evaluate(
     val = ResidentData(
         val_split, mesh, config.batch_size, config.sampling, AugmentSpec(0, 0, 0, aug.image_size)
     )
-    trainer = Trainer(config, train, mesh)
-    log = rundir.RunLog(workdir, is_main)
-    background = Background()
-    ckpts = TrainCheckpoints(workdir, keep_latest=config.keep_latest)
-    steps_per_epoch = trainer.steps_per_epoch
+    trainers = [Trainer(c, train, mesh) for c in configs]
+    stepper = PackedTrainer(trainers, config.pack_mode) if len(trainers) > 1 else None
+    steps_per_epoch = trainers[0].steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
-    save = Saver(ckpts, trainer, config)
-
-    restored = ckpts.restore_latest(trainer.model_state(), trainer.optimizer_state())
-    if restored is not None:
-        trainer.load_state(restored[0], restored[1])
-        resume_log(log, ckpts, restored[2], trainer.step)
-        print(
-            f"resuming {workdir} at step {trainer.step} (epoch {trainer.step // steps_per_epoch})"
-        )
-    start = trainer.step
     if progress is None:
         progress = os.isatty(2)
-    bar = _Progress(total_steps, start, progress and is_main)
-    predict_step = evaluate.make_predict_step(trainer.apply_eval, val, config.threshold)
-    epoch_end = EpochEnd(save, log, val, evaluate.eval_truth(val), workdir, is_main)
-    if restored is not None:
-        save.last_eval = restored[2].get("last_eval") or {}
-    losses = _StepLosses(config, trainer, log, bar, ckpts, workdir)
-    callbacks = EpochCallbacks(on_epoch_end, save)
-    dispatch_s = 0.0  # main-thread time spent starting evaluations
+    # One evaluation program for all runs (their eval graphs are the same).
+    predict_step = evaluate.make_predict_step(trainers[0].apply_eval, val, config.threshold)
+    truth = evaluate.eval_truth(val)
+    runs: list[_Run] = []
+    try:
+        for c, w, t in zip(configs, workdirs, trainers):
+            runs.append(_Run(c, w, t, val, truth, is_main, total_steps, progress, on_epoch_end))
+        _train_loop(runs, stepper, streaming, predict_step, total_steps)
+    except BaseException:
+        _for_each(runs, _Run.close)  # the first error is the one that propagates
+        raise
+    _for_each(runs, _Run.close, raise_first=True)
+
+    seconds = {
+        "total": round(time.perf_counter() - t_start, 3),
+        "compile": round(compile_seconds() - compile_start, 3),
+    }
+    return [run.summary(seconds, len(runs)) for run in runs]
+
+
+class _Run:
+    """One run's side of the loop: its folder, log, checkpoints (restored on resume),
+    background epoch ends, pending losses and progress bar."""
+
+    def __init__(
+        self,
+        config: Config,
+        workdir: Path,
+        trainer: Trainer,
+        val: ResidentData,
+        truth: np.ndarray,
+        is_main: bool,
+        total_steps: int,
+        progress: bool,
+        on_epoch_end: Callable[[int, dict], None] | None,
+    ):
+        self.config, self.workdir, self.trainer, self.is_main = config, workdir, trainer, is_main
+        self.log = rundir.RunLog(workdir, is_main)
+        self.background = Background()
+        self.ckpts = TrainCheckpoints(workdir, keep_latest=config.keep_latest)
+        self.save = Saver(self.ckpts, trainer, config)
+        self.bar: _Progress | None = None
+        restored = self.ckpts.restore_latest(trainer.model_state(), trainer.optimizer_state())
+        if restored is not None:
+            trainer.load_state(restored[0], restored[1])
+            resume_log(self.log, self.ckpts, restored[2], trainer.step)
+            self.save.last_eval = restored[2].get("last_eval") or {}
+            print(
+                f"resuming {workdir} at step {trainer.step} "
+                f"(epoch {trainer.step // trainer.steps_per_epoch})"
+            )
+        self.bar = _Progress(total_steps, trainer.step, progress and is_main)
+        self.epoch_end = EpochEnd(self.save, self.log, val, truth, workdir, is_main)
+        self.losses = _StepLosses(config, trainer, self.log, self.bar, self.ckpts, workdir)
+        self.callbacks = EpochCallbacks(on_epoch_end, self.save)
+        self.dispatch_s = 0.0  # main-thread time spent starting evaluations
+
+    def end_epoch(self, done: int, total_steps: int, predict_step: Callable) -> None:
+        """After the steps up to ``done``: log the losses (raising on a non-finite one), then
+        start the evaluation and checkpoint of an evaluated epoch in the background."""
+        config = self.config
+        self.background.wait()  # the last evaluation's line precedes this epoch's train lines
+        self.callbacks.run()
+        self.losses.flush(done)  # raises on a non-finite loss, before anything is saved
+        epoch = done // self.trainer.steps_per_epoch
+        if epoch % config.eval_every_epochs == 0 or done == total_steps:
+            # Dispatch the evaluation on a copy of the state, then hand the host work to the
+            # background thread: the next epoch's training starts at once.
+            t0, compile_before = time.perf_counter(), compile_seconds()
+            state = self.trainer.snapshot()
+            dispatched = evaluate.dispatch_predictions(
+                predict_step, (state["params"], state["batch_stats"]), self.epoch_end.val
+            )
+            self.background.submit(self.epoch_end, done, epoch, state, dispatched)
+            # The first evaluation compiles its program: that counts as compile time.
+            self.dispatch_s += time.perf_counter() - t0 - (compile_seconds() - compile_before)
+        elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
+            self.save.latest(done)
+        self.callbacks.ended(epoch, self.background.pending is None)
+
+    def finish(self, total_steps: int) -> None:
+        """Training ended: wait for the last epoch end; save ``latest`` at the last step."""
+        self.background.wait()
+        self.callbacks.run()
+        step = self.trainer.step
+        if total_steps and self.ckpts.latest.latest_step() != total_steps and step == total_steps:
+            self.save.latest(total_steps)
+
+    def interrupted(self) -> None:
+        """Ctrl-C between dispatches (the state is consistent): finish the pending evaluation
+        and keep what was trained."""
+        step = self.trainer.step
+        try:
+            self.background.wait()
+            self.losses.flush(step)
+        finally:
+            if self.ckpts.latest.latest_step() != step:
+                self.save.latest(step, interrupted=True)
+            print(
+                f"\ninterrupted: saved a checkpoint of {self.workdir.name} at step {step}; "
+                "run the same command again to resume"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        try:
+            self.background.close()  # the last epoch's files are complete before returning
+        finally:
+            self.ckpts.close()
+            self.log.close()
+
+    def summary(self, seconds: dict[str, float], packed: int) -> dict[str, Any]:
+        best = self.ckpts.best_metric()
+        last_eval = self.save.last_eval
+        summary = {
+            "type": "summary",
+            "step": self.trainer.step,
+            "epochs": self.config.epochs,
+            "best_val_dsc": best,
+            **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+            # Where this call's time went (seconds): compile (tracing, lowering, compiling;
+            # persistent-cache loads are fast), epoch_end_visible (main-thread time for
+            # evaluations and checkpoints: starting them and waiting for them),
+            # epoch_end_background (their work on the worker thread, overlapped with training).
+            # Packed runs share total and compile.
+            "seconds": {
+                **seconds,
+                "epoch_end_visible": round(self.dispatch_s + self.background.waited_s, 3),
+                "epoch_end_background": round(self.background.busy_s, 3),
+            },
+        }
+        if packed > 1:
+            summary["packed_runs"] = packed
+        self.log.write(summary)
+        if self.is_main:
+            print(
+                f"done: {self.config.name}: {self.trainer.step} steps, best validation DSC "
+                f"{best if best is None else round(best, 4)}, last {last_eval.get('val_dsc')}"
+                f" — {self.workdir}"
+            )
+        return summary
+
+
+def _train_loop(
+    runs: list[_Run],
+    stepper: PackedTrainer | None,
+    streaming: StreamingData | None,
+    predict_step: Callable,
+    total_steps: int,
+) -> None:
+    """Step every run to ``total_steps`` (together when packed), ending each epoch per run."""
+    first = runs[0]
+    config, trainer = first.config, first.trainer
+    steps_per_epoch = trainer.steps_per_epoch
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     # A whole epoch is one dispatch on the resident path (config.epoch_loop); steps one by one
     # when batches stream in, when checkpoints are asked for within epochs, and for the rest of
@@ -308,6 +503,14 @@ def train_and_evaluate(
         and streaming is None
         and not config.checkpoint_every_steps
     )
+    start = trainer.step
+
+    def one_step() -> list[dict[str, jax.Array]]:
+        if stepper is not None:
+            return stepper.train_step()
+        if batches is not None:
+            return [trainer.train_step_on(*next(batches))]
+        return [trainer.train_step()]
 
     try:
         batches = streaming.iterate(trainer.data_key, start, total_steps) if streaming else None
@@ -315,101 +518,60 @@ def train_and_evaluate(
         while step < total_steps:
             done = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch)
             if whole_epochs and done - step == steps_per_epoch:
-                losses.add_stacked(step, trainer.train_steps(steps_per_epoch))
-                step = done
+                outs = (
+                    stepper.train_steps(steps_per_epoch)
+                    if stepper is not None
+                    else [trainer.train_steps(steps_per_epoch)]
+                )
+                for run, out in zip(runs, outs):
+                    run.losses.add_stacked(step, out)
             else:
                 for index in range(step, done):
-                    if batches is None:
-                        losses.add(index, trainer.train_step())
-                    else:
-                        losses.add(index, trainer.train_step_on(*next(batches)))
-                    if len(losses) >= config.log_every_steps:
-                        background.wait()  # the last evaluation's line first
-                        losses.flush()
+                    for run, out in zip(runs, one_step()):
+                        run.losses.add(index, out)
+                    if len(first.losses) >= config.log_every_steps:
+                        for run in runs:
+                            run.background.wait()  # the last evaluation's line first
+                            run.losses.flush()
                     if (
                         config.checkpoint_every_steps
                         and (index + 1) % config.checkpoint_every_steps == 0
                         and index + 1 != done
                     ):
-                        background.wait()
-                        losses.flush(index + 1)
-                        save.latest(index + 1)
-                step = done
-            background.wait()  # the last evaluation's line precedes this epoch's train lines
-            callbacks.run()
-            losses.flush(done)  # raises on a non-finite loss, before anything is saved
-            epoch = done // steps_per_epoch
-            if epoch % config.eval_every_epochs == 0 or done == total_steps:
-                # Dispatch the evaluation on a copy of the state, then hand the host work to
-                # the background thread: the next epoch's training starts at once.
-                t0, compile_before = time.perf_counter(), compile_seconds()
-                state = trainer.snapshot()
-                dispatched = evaluate.dispatch_predictions(
-                    predict_step, (state["params"], state["batch_stats"]), val
-                )
-                background.submit(epoch_end, done, epoch, state, dispatched)
-                # The first evaluation compiles its program: that counts as compile time.
-                dispatch_s += time.perf_counter() - t0 - (compile_seconds() - compile_before)
-            elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
-                save.latest(done)
-            callbacks.ended(epoch, background.pending is None)
-        background.wait()
-        callbacks.run()
-        if (
-            total_steps
-            and ckpts.latest.latest_step() != total_steps
-            and trainer.step == total_steps
-        ):
-            save.latest(total_steps)
+                        for run in runs:
+                            run.background.wait()
+                            run.losses.flush(index + 1)
+                            run.save.latest(index + 1)
+            step = done
+            for run in runs:
+                run.end_epoch(done, total_steps, predict_step)
+        for run in runs:
+            run.finish(total_steps)
     except KeyboardInterrupt:
-        # Between dispatches the state is consistent: finish the pending evaluation, keep what
-        # was trained (a whole-epoch dispatch completes first: at worst one epoch later).
-        try:
-            background.wait()
-            losses.flush(trainer.step)
-        finally:
-            if ckpts.latest.latest_step() != trainer.step:
-                save.latest(trainer.step, interrupted=True)
-            print(
-                f"\ninterrupted: saved a checkpoint at step {trainer.step}; "
-                "run the same command again to resume"
-            )
+        # A whole-epoch dispatch completes first: the checkpoint is at worst one epoch later.
+        _for_each(runs, _Run.interrupted, raise_first=True)
         raise
-    finally:
-        bar.close()
-        try:
-            background.close()  # the last epoch's files are complete before the run returns
-        finally:
-            ckpts.close()
-            log.close()
 
-    best = ckpts.best_metric()
-    last_eval = save.last_eval
-    summary = {
-        "type": "summary",
-        "step": trainer.step,
-        "epochs": config.epochs,
-        "best_val_dsc": best,
-        **{k: v for k, v in last_eval.items() if k.startswith("val_")},
-        # Where this call's time went (seconds): compile (tracing, lowering, compiling;
-        # persistent-cache loads are fast), epoch_end_visible (main-thread time for evaluations
-        # and checkpoints: starting them and waiting for them), epoch_end_background (their
-        # work on the worker thread, overlapped with training).
-        "seconds": {
-            "total": round(time.perf_counter() - t_start, 3),
-            "compile": round(compile_seconds() - compile_start, 3),
-            "epoch_end_visible": round(dispatch_s + background.waited_s, 3),
-            "epoch_end_background": round(background.busy_s, 3),
-        },
-    }
-    log.write(summary)
-    if is_main:
-        print(
-            f"done: {config.name}: {trainer.step} steps, best validation DSC "
-            f"{best if best is None else round(best, 4)}, last {last_eval.get('val_dsc')}"
-            f" — {workdir}"
-        )
-    return summary
+
+def _for_each(runs: list[_Run], method: Callable[[_Run], None], raise_first=False) -> None:
+    """``method`` on every run even when one fails; then raise the first failure if asked."""
+    errors = []
+    for run in runs:
+        try:
+            method(run)
+        except BaseException as e:
+            errors.append(e)
+    if errors and raise_first:
+        raise errors[0]
+
+
+def _latest_step(config: Config, workdir: Path) -> int:
+    """The step of ``workdir``'s newest ``latest`` checkpoint (0 when it has none)."""
+    ckpts = TrainCheckpoints(workdir, keep_latest=config.keep_latest)
+    try:
+        return ckpts.latest.latest_step() or 0
+    finally:
+        ckpts.close()
 
 
 def _device_epoch_loop(setting: str) -> bool:
