@@ -19,6 +19,7 @@ runs share compiled programs through the persistent compilation cache (on by def
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import sys
 from pathlib import Path
@@ -182,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     from experiments.data import load_run_data
-    from unet_jax.data import DataNotFoundError
-    from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_runs
+    from unet_jax.train import train_runs
 
     root = Path(args.workdir or Path("runs") / args.exp)
     multi = configs.is_multi_run(args.exp) or bool(args.seeds)
@@ -208,20 +208,85 @@ def main(argv: list[str] | None = None) -> int:
             train_runs(group_configs, group_dirs, restart=args.restart, data=data)
             for config, workdir in zip(group_configs, group_dirs):
                 _write_report(config, workdir)
-        except DataNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except (ConfigMismatchError, NonFiniteLossError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
         except KeyboardInterrupt:
             return 130
+        except Exception as e:
+            known = failure(e, group_dirs)
+            if known is None:
+                raise  # a bug: its traceback is what a report needs
+            print(f"error: {known[0]}", file=sys.stderr)
+            return known[1]
     if multi:
         from unet_jax.compare import compare_runs
 
-        out = compare_runs(root, run_dirs, title=args.exp)
-        print(f"comparison: {out}")
+        try:
+            out = compare_runs(root, run_dirs, title=args.exp)
+            print(f"comparison: {out}")
+        except OSError as e:  # the runs are complete; only their comparison is missing
+            print(f"warning: comparison not written: {_one_line(e)}", file=sys.stderr)
     return 0
+
+
+#: errno values of a write that found no room: a full disk, a quota, a file-size limit.
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_STORAGE_FULL_TEXT = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+def _causes(exc: BaseException):
+    """``exc`` and the exceptions it was raised from or during, each once."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        todo += list(getattr(e, "exceptions", ()))  # ExceptionGroup
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _latest_steps(workdirs: list[Path]) -> str:
+    """What a full disk left safe: each run's newest complete ``latest`` checkpoint (Orbax
+    writes a step into a temporary folder and renames it when complete)."""
+    parts = []
+    for w in workdirs:
+        folder = Path(w) / "checkpoints" / "latest"
+        steps = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
+        parts.append(f"step {steps[-1]} in {folder}" if steps else f"no checkpoint in {w}")
+    return "; ".join(parts)
+
+
+def failure(exc: BaseException, workdirs: list[Path]) -> tuple[str, int] | None:
+    """The one-line message and exit code for a failure the user can act on (bad input: 2; a
+    diverged run or a full disk: 1), or None for anything else (a bug keeps its traceback)."""
+    from unet_jax.checkpoint import CheckpointError
+    from unet_jax.data import DataNotFoundError
+    from unet_jax.rundir import RunFolderError
+    from unet_jax.train import DivergedError
+
+    for e in _causes(exc):
+        if (isinstance(e, OSError) and e.errno in _STORAGE_FULL) or any(
+            t in str(e) for t in _STORAGE_FULL_TEXT
+        ):
+            where = getattr(e, "filename", None) or (workdirs[0] if workdirs else "?")
+            return (
+                f"no space left for {where} ({_one_line(e)[:200]}): the run stopped. Safe: "
+                f"{_latest_steps(workdirs)} (a checkpoint is complete or absent, never half "
+                "written). Free space and run the same command again to resume from there",
+                1,
+            )
+    if isinstance(exc, (DataNotFoundError, RunFolderError, CheckpointError)):
+        return _one_line(exc), 2
+    if isinstance(exc, DivergedError):
+        return _one_line(exc), 1
+    if isinstance(exc, (PermissionError, NotADirectoryError, IsADirectoryError)):
+        return f"{exc.strerror}: {exc.filename}", 2
+    return None
 
 
 if __name__ == "__main__":

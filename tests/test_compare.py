@@ -122,3 +122,37 @@ def test_config_differences_against_most_common_value():
         {"a": a, "b": {**a, "name": "b", "x": 5}, "c": {**a, "name": "c", "y": 7}, "d": None}
     )
     assert diffs == {"a": {}, "b": {"x": 5}, "c": {"y": 7}, "d": {}}
+
+
+def test_compare_runs_shows_the_seed_spread_of_repeated_settings(tmp_path: Path):
+    # Two settings x two seeds (experiments.run --seeds): the spread section has one row per
+    # setting with the mean and sample sd (numpy, ddof=1) of the seeds' mean DSC; runs that
+    # differ in more than the seed are never grouped.
+    base = Config(name="base")
+    variants = {
+        "run1/seed0": base.replace(seed=0),
+        "run1/seed1": base.replace(seed=1),
+        "lr1e-3/seed0": base.replace(learning_rate=1e-3, seed=0),
+        "lr1e-3/seed1": base.replace(learning_rate=1e-3, seed=1),
+        "odd/seed0": base.replace(seed=0),
+        "odd/seed1": base.replace(seed=1, batch_size=32),
+    }
+    dirs = {
+        name: make_workdir(tmp_path / name, seed=i, config=cfg, dsc_offsets=(0.02 * i, 0, 0))
+        for i, (name, cfg) in enumerate(variants.items())
+    }
+    text = compare.compare_runs(tmp_path, dirs, "ablation").read_text()
+    assert "## Seeds: spread of each setting" in text
+    section = text.split("## Seeds")[1].split("\n## ")[0]
+    rows = {k: v for k, v in _table_rows(section).items() if k != "setting"}  # header row
+    assert set(rows) == {"run1", "lr1e-3"}
+    for setting in ("run1", "lr1e-3"):
+        means = []
+        for seed in (0, 1):
+            with open(dirs[f"{setting}/seed{seed}"] / "per_patient.csv") as f:
+                means.append(np.mean([float(r["dsc_lcc"]) for r in csv.DictReader(f)]))
+        cells = rows[setting]
+        assert cells[1] == "2"
+        assert float(cells[2]) == pytest.approx(np.mean(means), abs=6e-5)
+        assert float(cells[3]) == pytest.approx(np.std(means, ddof=1), abs=6e-5)
+    assert compare.seed_groups({"a": rundir.load_run(dirs["run1/seed0"])}) == {}

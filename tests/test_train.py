@@ -122,23 +122,54 @@ def test_two_processes_train_like_one_process_with_two_devices(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
-    straight = _worker(tmp_path / "straight", tmp_path / "straight.npz")
+def test_resume_after_any_interrupt_gives_the_uninterrupted_run_bitwise(tmp_path):
+    # One run of 3 epochs (4 steps each) interrupted by real signals at the moments that used to
+    # lose something, resumed after each: SIGKILL before the first checkpoint (its train lines
+    # must not be logged twice), SIGKILL between an epoch's checkpoints and its evaluation's log
+    # line (the evaluation must not be lost, nor the best mark move), SIGTERM mid-epoch (treated
+    # as Ctrl-C: the run stops after the next step, step 7, and saves it), SIGINT during an
+    # epoch-end evaluation (it runs beside the next epoch's training, so the run stops wherever
+    # training has got to, or finishes). The result must be the uninterrupted run's: the same
+    # log lines (train losses, evaluations, best marks), the same best checkpoint, bitwise the
+    # same parameters (CPU XLA is deterministic for one program). (Python exits an uncaught
+    # KeyboardInterrupt by SIGINT: -2 here, 130 in a shell.)
+    epochs = ("--epochs", "3")
+    straight = _worker(tmp_path / "straight", tmp_path / "straight.npz", extra=epochs)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _worker(
-        tmp_path / "resumed", tmp_path / "unused.npz", extra=("--kill-after-epoch", "1")
-    )
-    assert killed.returncode == -9, (killed.returncode, killed.stderr[-3000:])
-    assert not (tmp_path / "unused.npz").exists()
-    resumed = _worker(tmp_path / "resumed", tmp_path / "resumed.npz")
+    wd = tmp_path / "resumed"
+    for signal_at in ("train:3:KILL", "eval:4:KILL", "train:6:TERM", "eval:8:INT"):
+        run = _worker(wd, tmp_path / "unused.npz", extra=(*epochs, "--signal", signal_at))
+        if signal_at.endswith("KILL"):
+            assert run.returncode == -9, (signal_at, run.returncode, run.stderr[-3000:])
+        elif signal_at.endswith("TERM") or run.returncode != 0:
+            assert run.returncode in (130, -2), (signal_at, run.returncode, run.stderr[-3000:])
+            assert "interrupted: saved a checkpoint" in run.stdout, run.stdout[-2000:]
+        if signal_at.endswith("TERM"):
+            assert "at step 7" in run.stdout
+        steps = [r["step"] for r in _records(wd, "train")]
+        assert steps == list(range(1, len(steps) + 1)), (signal_at, steps)  # no line twice
+        assert not (tmp_path / "unused.npz").exists()
+    resumed = _worker(wd, tmp_path / "resumed.npz", extra=epochs)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout and "at step 4" in resumed.stdout
     a, b = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
-    # CPU XLA is deterministic for the same program: identical bits, and identical logged losses.
     np.testing.assert_array_equal(a["losses"], b["losses"])
     for k in a.files:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert _records(tmp_path / "straight", "eval") == _records(tmp_path / "resumed", "eval")
+    assert _records(tmp_path / "straight", "eval") == _records(wd, "eval")
+    assert [r["step"] for r in _records(wd, "eval")] == [4, 8, 12]
+    bests = []
+    for d in (tmp_path / "straight", wd):
+        ck = TrainCheckpoints(d)
+        bests.append((ck.best.best_step(), ck.best_metric()))
+        ck.close()
+    assert bests[0] == bests[1] and bests[0][0] is not None
+    # The command of the finished run, run again, leaves its record as it was.
+    from _train_worker import CONFIG
+
+    log = (wd / "metrics.jsonl").read_bytes()
+    again = train_and_evaluate(CONFIG.replace(epochs=3), wd, data=blob_train_val(), progress=False)
+    assert (wd / "metrics.jsonl").read_bytes() == log
+    assert again == _records(wd, "summary")[0] and "val_dsc" in again
 
 
 @pytest.mark.slow

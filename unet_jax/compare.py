@@ -28,7 +28,13 @@ from unet_jax.figures import (
 from unet_jax.report import REPORT_FILE, fmt, md_table, training_tail
 from unet_jax.rundir import RunData, headline_key, is_finite_number
 
-__all__ = ["compare_runs", "config_differences", "pooled_per_patient", "run_summary"]
+__all__ = [
+    "compare_runs",
+    "config_differences",
+    "pooled_per_patient",
+    "run_summary",
+    "seed_groups",
+]
 
 _FIGURES = ("comparison_dsc.png", "comparison_curves.png", "pooled_dsc.png")
 
@@ -103,6 +109,50 @@ def pooled_per_patient(runs: Mapping[str, RunData]) -> tuple[list[dict[str, Any]
             pooled.append({**row, "run": name})
     counts = Counter(r["patient"] for r in pooled)
     return pooled, sorted(p for p, c in counts.items() if c > 1)
+
+
+def seed_groups(runs: Mapping[str, RunData]) -> dict[str, list[str]]:
+    """Runs that repeat one setting with other seeds (``experiments.run --seeds``): ``{setting:
+    [run names]}`` for settings with at least two runs whose configs differ only in ``name``
+    and ``seed``. A run's setting is its name up to ``/seed<N>`` (or the whole name)."""
+    groups: dict[str, list[str]] = {}
+    for name in runs:
+        groups.setdefault(name.rsplit("/seed", 1)[0], []).append(name)
+    out = {}
+    for setting, names in groups.items():
+        configs = {n: runs[n].config for n in names}
+        if len(names) < 2 or any(c is None for c in configs.values()):
+            continue
+        diffs = config_differences(configs, ignore=("name", "seed", "pack_runs", "pack_mode"))
+        if not any(diffs.values()):
+            out[setting] = names
+    return out
+
+
+def _seed_lines(runs: Mapping[str, RunData], summaries: Mapping[str, dict]) -> list[str]:
+    """The seed-to-seed spread of each repeated setting: what a difference between settings
+    must exceed before it means anything."""
+    groups = seed_groups(runs)
+    if not groups:
+        return []
+    rows = []
+    for setting, names in groups.items():
+        values = [summaries[n]["mean_dsc"] for n in names]
+        values = [float(v) for v in values if is_finite_number(v)]
+        mean = float(np.mean(values)) if values else None
+        sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        low, high = (min(values), max(values)) if values else (None, None)
+        rows.append([setting, len(names), fmt(mean), fmt(sd), fmt(low), fmt(high)])
+    return [
+        "## Seeds: spread of each setting",
+        "",
+        "Mean per-patient DSC over each setting's seeds: *sd* is the sample standard deviation "
+        "across seeds (n-1); a difference between settings smaller than about two such sds is "
+        "not evidence that a factor matters.",
+        "",
+        *md_table(["setting", "seeds", "mean of mean DSC", "sd", "min", "max"], rows),
+        "",
+    ]
 
 
 def compare_runs(
@@ -197,6 +247,7 @@ def compare_runs(
         "",
     ]
     lines += md_table(header, rows) + [""]
+    lines += _seed_lines(runs, dict(zip(names, summaries)))
 
     figures: list[tuple[str, str]] = []
     if any(s["patient_dsc"] or is_finite_number(s["mean_dsc"]) for s in summaries):

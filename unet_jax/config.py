@@ -100,8 +100,9 @@ class Config:
     eval_every_epochs: int = 1
     threshold: float = 0.5
     log_every_steps: int = 10
-    #: Keep this many most recent checkpoints besides the best one.
-    keep_latest: int = 1
+    #: Keep this many most recent checkpoints besides the best one: 2, so that a damaged newest
+    #: one (a full disk, a partial copy) has a previous one to resume from.
+    keep_latest: int = 2
     #: Also checkpoint every N steps within epochs (0: at epoch ends only).
     checkpoint_every_steps: int = 0
     #: Write the report (figures, report.md) when the run ends (done by ``experiments.run``).

@@ -10,6 +10,7 @@ best-so-far back to the checkpoint a run resumes from.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import evaluate, rundir
@@ -25,7 +27,32 @@ from unet_jax.config import Config
 from unet_jax.input_pipeline import ResidentData
 from unet_jax.trainer import Trainer
 
-__all__ = ["Background", "EpochCallbacks", "EpochEnd", "Saver", "resume_log"]
+__all__ = [
+    "PARAM_LIMIT",
+    "Background",
+    "DivergedError",
+    "EpochCallbacks",
+    "EpochEnd",
+    "Saver",
+    "resume_log",
+]
+
+#: Parameters larger than this in magnitude mean a diverged run, never saved as a checkpoint.
+#: Adam moves a weight by at most about 3 learning rates per step and this U-Net starts with
+#: weights below 1, so the baseline recipe (lr 1e-4, 24,000 steps) stays below 10, and even lr 1
+#: over as many steps below 1e5.
+PARAM_LIMIT = 1e6
+
+
+class DivergedError(FloatingPointError):
+    """Training diverged: a non-finite loss, or parameters that are not finite or beyond
+    :data:`PARAM_LIMIT`. The message names the step and the last good checkpoint."""
+
+
+@jax.jit
+def _max_abs(tree: Any) -> jax.Array:
+    """The largest magnitude in a pytree of float arrays (NaN if any value is NaN)."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree)]))
 
 
 class Background:
@@ -93,8 +120,24 @@ class Saver:
             **(extra or {}),
         }
 
+    def check(self, steps_done: int, state: dict | None = None) -> None:
+        """Refuse to save diverged parameters (:class:`DivergedError`): a checkpoint is only
+        called good when every parameter is finite and within :data:`PARAM_LIMIT`."""
+        state = self.trainer.state if state is None else state
+        size = float(_max_abs(state["params"]))
+        if math.isfinite(size) and size <= PARAM_LIMIT:
+            return
+        what = "are not finite" if not math.isfinite(size) else f"reach {size:.1e}"
+        raise DivergedError(
+            f"the parameters at step {steps_done} {what} (limit {PARAM_LIMIT:.0e}): the run "
+            f"diverged (learning_rate {self.config.learning_rate}) and that step was not saved. "
+            f"The last good checkpoint is step {self.ckpts.latest.latest_step()} in "
+            f"{self.ckpts.root}."
+        )
+
     def latest(self, steps_done: int, state: dict | None = None, **extra: Any) -> None:
         """Save ``state`` (default: the trainer's current one) as step ``steps_done``."""
+        self.check(steps_done, state)
         trainer = self.trainer
         self.ckpts.save_latest(
             steps_done,
@@ -105,6 +148,7 @@ class Saver:
         )
 
     def best(self, steps_done: int, state: dict, metric: float, **extra: Any) -> None:
+        self.check(steps_done, state)
         self.ckpts.save_best(
             steps_done,
             self.trainer.model_state(state),

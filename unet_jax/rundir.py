@@ -194,7 +194,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 #: Config fields that say how a run executes, not what it computes: changing them between a
 #: run and its resume is allowed.
-EXECUTION_FIELDS = ("pack_runs", "pack_mode")
+EXECUTION_FIELDS = ("pack_runs", "pack_mode", "keep_latest")
 
 
 def prepare_workdir(
@@ -502,6 +502,13 @@ class RunLog:
             record.get("type") == kind and record.get("step") == step
             for _, record in self._records()
         )
+
+    def last(self, kind: str) -> dict[str, Any] | None:
+        """The last record of type ``kind`` in the log, if any."""
+        if not (self.enabled and self.path.exists()):
+            return None
+        found = [record for _, record in self._records() if record.get("type") == kind]
+        return found[-1] if found else None
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (it carries its ``type``: train, eval or summary)."""

@@ -15,8 +15,12 @@ coordinates the checkpoint writes (tests/test_train.py runs two local processes)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -30,7 +34,14 @@ from unet_jax import evaluate, rundir
 from unet_jax.checkpoint import TrainCheckpoints
 from unet_jax.config import Config
 from unet_jax.data import load_data
-from unet_jax.epoch_end import Background, EpochCallbacks, EpochEnd, Saver, resume_log
+from unet_jax.epoch_end import (
+    Background,
+    DivergedError,
+    EpochCallbacks,
+    EpochEnd,
+    Saver,
+    resume_log,
+)
 from unet_jax.input_pipeline import (
     AugmentSpec,
     ResidentData,
@@ -44,6 +55,7 @@ from unet_jax.trainer import PackedTrainer, Trainer
 
 __all__ = [
     "ConfigMismatchError",  # defined in rundir; re-exported because train_and_evaluate raises it
+    "DivergedError",  # defined in epoch_end; likewise
     "NonFiniteLossError",
     "compile_seconds",
     "packable",
@@ -70,7 +82,7 @@ def compile_seconds() -> float:
     return _compile_seconds[0]
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergedError):
     """The training loss became NaN or infinite; names the step and epoch."""
 
 
@@ -142,6 +154,8 @@ class _StepLosses:
         self.ckpts = ckpts
         self.workdir = workdir
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step index, outputs)
+        self.first_loss: float | None = None  # this call's first loss (the exploding check)
+        self.warned = False
         # Start of the throughput window and the steps run since (reset by each flush).
         self.window_start = time.perf_counter()
         self.window_steps = 0
@@ -191,6 +205,17 @@ class _StepLosses:
                     f"(epoch {step // steps_per_epoch}); the run stopped without saving it. The "
                     f"last good checkpoint is step {self.ckpts.latest.latest_step()} in "
                     f"{self.workdir / rundir.CHECKPOINTS_DIRNAME}."
+                )
+            if self.first_loss is None:
+                self.first_loss = loss
+            elif not self.warned and loss > max(100 * self.first_loss, 10.0):
+                # Finite but exploding (a Dice loss stays below 1; BCE can grow without bound).
+                self.warned = True
+                print(
+                    f"warning: {self.workdir.name}: training loss {loss:.3g} at step {step + 1} "
+                    f"is over 100x the first ({self.first_loss:.3g}): the run is diverging "
+                    f"(learning_rate {self.config.learning_rate})",
+                    file=sys.stderr,
                 )
             if (
                 (step + 1) % self.config.log_every_steps == 0
@@ -291,6 +316,56 @@ def train_runs(
             "packed runs must differ only in name and seed: "
             f"{[c.name for c in configs]} differ in more"
         )
+    is_main = jax.process_index() == 0
+    with contextlib.ExitStack() as stack:
+        # One training process per workdir (process 0 of a multi-host run holds the lock).
+        for w in workdirs:
+            stack.enter_context(rundir.lock_workdir(w, enabled=is_main))
+        stop = stack.enter_context(_StopRequests())
+        return _train_runs(configs, workdirs, data, restart, progress, on_epoch_end, stop)
+
+
+class _StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers and ``kill`` send) during training: the first
+    asks the loop to stop at its next safe point (between dispatches, where every run's state
+    and log are consistent), which then raises KeyboardInterrupt: the pending evaluation
+    finishes and ``latest`` is saved. A second signal raises at once. Installed in the main
+    thread only (Python delivers signals there); elsewhere signals keep their handlers."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: stopping at the next step and saving a checkpoint "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if a stop was asked for (called at safe points)."""
+        if self.signum is not None:
+            raise KeyboardInterrupt(signal.Signals(self.signum).name)
+
+
+def _train_runs(
+    configs, workdirs, data, restart, progress, on_epoch_end, stop
+) -> list[dict[str, Any]]:
+    """:func:`train_runs` with its workdirs locked."""
     t_start, compile_start = time.perf_counter(), compile_seconds()
     config = configs[0]
     is_main = jax.process_index() == 0
@@ -301,7 +376,7 @@ def train_runs(
         if len(steps) > 1:
             print(f"packed runs resume at different steps {sorted(steps)}: one after another")
             return [
-                train_runs([c], [w], data=data, progress=progress, on_epoch_end=on_epoch_end)[0]
+                _train_runs([c], [w], data, False, progress, on_epoch_end, stop)[0]
                 for c, w in zip(configs, workdirs)
             ]
     if data is None:
@@ -346,7 +421,7 @@ def train_runs(
     try:
         for c, w, t in zip(configs, workdirs, trainers):
             runs.append(_Run(c, w, t, val, truth, is_main, total_steps, progress, on_epoch_end))
-        _train_loop(runs, stepper, streaming, predict_step, total_steps)
+        _train_loop(runs, stepper, streaming, predict_step, total_steps, stop)
     except BaseException:
         _for_each(runs, _Run.close)  # the first error is the one that propagates
         raise
@@ -390,6 +465,12 @@ class _Run:
                 f"resuming {workdir} at step {trainer.step} "
                 f"(epoch {trainer.step // trainer.steps_per_epoch})"
             )
+        else:
+            # No checkpoint: the run starts at step 0, so lines a run killed before its first
+            # checkpoint logged go, and so does its best-so-far (its best files were not
+            # written with it: the first evaluation must count as best again).
+            resume_log(self.log, self.ckpts, {"best_metric": None}, 0)
+        self.trained = False  # whether this call trained any step (see summary)
         self.bar = _Progress(total_steps, trainer.step, progress and is_main)
         self.epoch_end = EpochEnd(self.save, self.log, val, truth, workdir, is_main)
         self.losses = _StepLosses(config, trainer, self.log, self.bar, self.ckpts, workdir)
@@ -400,6 +481,7 @@ class _Run:
         """After the steps up to ``done``: log the losses (raising on a non-finite one), then
         start the evaluation and checkpoint of an evaluated epoch in the background."""
         config = self.config
+        self.trained = True
         self.background.wait()  # the last evaluation's line precedes this epoch's train lines
         self.callbacks.run()
         self.losses.flush(done)  # raises on a non-finite loss, before anything is saved
@@ -473,7 +555,12 @@ class _Run:
         }
         if packed > 1:
             summary["packed_runs"] = packed
-        self.log.write(summary)
+        previous = self.log.last("summary")
+        if not self.trained and previous is not None and previous.get("step") == summary["step"]:
+            # The command of a finished run, run again: its record stays as it was.
+            summary = previous
+        else:
+            self.log.write(summary)
         if self.is_main:
             print(
                 f"done: {self.config.name}: {self.trainer.step} steps, best validation DSC "
@@ -489,6 +576,7 @@ def _train_loop(
     streaming: StreamingData | None,
     predict_step: Callable,
     total_steps: int,
+    stop: _StopRequests,
 ) -> None:
     """Step every run to ``total_steps`` (together when packed), ending each epoch per run."""
     first = runs[0]
@@ -516,6 +604,7 @@ def _train_loop(
         batches = streaming.iterate(trainer.data_key, start, total_steps) if streaming else None
         step = start
         while step < total_steps:
+            stop.check()
             done = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch)
             if whole_epochs and done - step == steps_per_epoch:
                 outs = (
@@ -529,6 +618,8 @@ def _train_loop(
                 for index in range(step, done):
                     for run, out in zip(runs, one_step()):
                         run.losses.add(index, out)
+                    if index + 1 < done:
+                        stop.check()  # after the epoch's last step, the epoch ends first
                     if len(first.losses) >= config.log_every_steps:
                         for run in runs:
                             run.background.wait()  # the last evaluation's line first
