@@ -9,8 +9,12 @@ bias shifted so that about a fifth of the pixels are predicted, in several compo
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -332,7 +336,8 @@ def test_raw_config_checkpoint(data, tmp_path):
 
 
 def _fails(capsys, argv, out: Path, *expected: str) -> str:
-    """Run the CLI expecting exit status 2 with messages; nothing new may appear at ``out``."""
+    """Run the CLI expecting exit status 2 with one ``error:`` line (and perhaps notices) holding
+    ``expected``; nothing new may appear at ``out``."""
     existed = out.exists()
     code = main(argv + ["--output", str(out), "--no-progress"])
     err = capsys.readouterr().err
@@ -340,6 +345,9 @@ def _fails(capsys, argv, out: Path, *expected: str) -> str:
     for e in expected:
         assert e in err, (e, err)
     assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert [ln.startswith("error: ") for ln in lines].count(True) == 1, err
+    assert all(ln.startswith(("error: ", "notice: ")) for ln in lines), err
     assert out.exists() == existed and not list(out.parent.glob(out.name + ".partial-*"))
     return err
 
@@ -446,6 +454,111 @@ def test_a_failure_mid_run_leaves_nothing_that_looks_complete(checkpoint, data, 
         == 0
     )
     assert (out / "predictions.csv").is_file() and (out / "AAA" / "AAA.gif").is_file()
+
+
+def test_outputs_it_cannot_write_are_one_line_naming_them(
+    checkpoint, data, tmp_path, monkeypatch, capsys
+):
+    """An output under a regular file (refused for root too, and before the checkpoint is
+    loaded), and a write failing mid-run: one line naming the output, exit 2, nothing left."""
+    import unet_jax.predict.run as run_module
+
+    ck = ["--checkpoint", str(checkpoint), "--input", str(data["nonsquare"])]
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    out = afile / "sub" / "out"
+    _fails(capsys, ck, out, str(out), f"{afile} is a file")
+    # Checked before the checkpoint is read: a missing one is not what is reported.
+    _fails(
+        capsys,
+        ["--checkpoint", str(tmp_path / "missing"), "--input", str(data["lone"])],
+        out,
+        f"{afile} is a file",
+    )
+
+    def full_disk(rows, path):
+        path.write_text("volume,level\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(run_module, "write_table", full_disk)
+    out = tmp_path / "new" / "deeper" / "out"
+    _fails(capsys, ck, out, f"cannot write the output {out}", "No space left")
+    # Neither the partial output nor the parent folders made for it are left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="root ignores folder permissions (the file-in-the-way case covers root)",
+)
+def test_read_only_output_folder_is_refused(checkpoint, data, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        ck = ["--checkpoint", str(checkpoint), "--input", str(data["lone"])]
+        _fails(capsys, ck, ro / "out", str(ro / "out"), "permission denied")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_checkpoint_with_non_finite_parameters_is_refused(data, tmp_path, capsys):
+    """Such a model predicts NaN logits, i.e. empty masks with exit 0: refused, naming the
+    checkpoint and the arrays."""
+    config = Config(name="tiny_nan", features=4, image_size=64, dataset_config="baseline")
+    model = build_model(config)
+    model.decoder2.conv1.kernel[...] = model.decoder2.conv1.kernel[...].at[0, 0, 0, 0].set(jnp.nan)
+    model.encoder3.norm2.running_var[...] = jnp.full_like(
+        model.encoder3.norm2.running_var[...], jnp.inf
+    )
+    ckpt = save_model_checkpoint(tmp_path / "nan_ckpt", model, config)
+    err = _fails(
+        capsys,
+        ["--checkpoint", str(ckpt), "--input", str(data["lone"])],
+        tmp_path / "out",
+        str(ckpt),
+        "NaN or inf",
+        "decoder2.conv1.kernel",
+        "encoder3.norm2.running_var",
+    )
+    assert "step 0" in err
+
+
+def test_config_mismatching_the_stored_arrays_is_one_clean_line(data, tmp_path):
+    """A checkpoint whose config does not build its stored arrays (here: features 16 in the
+    config, 8 stored): Orbax's restore would fail part-way, and its reads still in flight printed
+    tens of "Event loop is closed" tracebacks after the error. Refused before restoring, in its
+    own process so that anything printed at exit is seen."""
+    config = Config(name="tiny8", features=8, image_size=64, dataset_config="baseline")
+    ckpt = save_model_checkpoint(tmp_path / "ckpt", build_model(config), config)
+    meta_file = ckpt / "0" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["config"]["features"] = 16
+    meta_file.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unet_jax.predict",
+            "--checkpoint",
+            str(ckpt),
+            "--input",
+            str(data["lone"]),
+            "--output",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: {ckpt}: the checkpoint's config"), proc.stderr
+    assert "features=16" in lines[0] and "stored as" in lines[0]
+    assert proc.stdout == "" and not out.exists()
 
 
 # ----------------------------------------------------------------------------- references

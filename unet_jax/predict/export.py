@@ -27,6 +27,7 @@ __all__ = [
     "write_table",
     "write_settings",
     "partial_output",
+    "output_errors",
 ]
 
 #: Columns of ``predictions.csv`` (one row per slice and one per volume; see ``--help``).
@@ -133,7 +134,32 @@ def check_output(output: Path, inputs: Sequence[Path], volumes: Sequence[VolumeS
             f"output {output} exists and is not empty; predict never overwrites: "
             "choose a new folder"
         )
+    # The results are written beside ``out`` and renamed into place: its parent must be (or
+    # become) a folder we may write in. Checked now, before the checkpoint is loaded.
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PredictError(f"output {output}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PredictError(f"output {output}: cannot write in {ancestor} (permission denied)")
     return out
+
+
+def _os_reason(e: OSError) -> str:
+    if e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return str(e) or type(e).__name__
+
+
+@contextlib.contextmanager
+def output_errors(out: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of writing the results (no space, permissions) into a one-line
+    :class:`PredictError` naming the output."""
+    try:
+        yield
+    except OSError as e:
+        raise PredictError(f"cannot write the output {out}: {_os_reason(e)}") from None
 
 
 def write_table(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -153,17 +179,40 @@ def write_settings(settings: dict[str, Any], path: Path) -> None:
 @contextlib.contextmanager
 def partial_output(out: Path) -> Iterator[Path]:
     """A new folder beside ``out`` to write into, renamed to ``out`` when the block succeeds and
-    removed when it fails, so a failed run never leaves a folder that looks finished."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the renamed output
+    removed when it fails (with the parent folders made for it), so a failed run never leaves a
+    folder that looks finished. Errors of making, writing or renaming it are
+    :class:`PredictError`."""
+    made = []  # parent folders created here, innermost first
+    for parent in out.parents:
+        if parent.exists():
+            break
+        made.append(parent)
+
+    def remove_made() -> None:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    partial = None
     try:
-        yield partial
-        if out.is_dir():
-            out.rmdir()  # checked empty before; fails loudly if something appeared meanwhile
-        partial.rename(out)
+        with output_errors(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=f"{out.name}.partial-", dir=out.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(partial, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the renamed output
+    except BaseException:  # PredictError, or an interrupt
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        remove_made()
+        raise
+    try:
+        yield partial  # the caller's writes: see output_errors
+        with output_errors(out):
+            if out.is_dir():
+                out.rmdir()  # checked empty before; fails loudly if something appeared meanwhile
+            partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
+        remove_made()
         raise

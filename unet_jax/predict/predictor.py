@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,6 +106,11 @@ class Predictor:
             raise PredictError(
                 f"the checkpoint's model has {config.in_channels} input and "
                 f"{config.out_channels} output channels; predict needs 3 and 1"
+            )
+        if config.image_size < 16 or config.image_size % 16:
+            raise PredictError(
+                f"the checkpoint's image_size {config.image_size} is not a positive multiple "
+                "of 16 (the U-Net halves it four times)"
             )
         self.lcc = lcc
         self.batch_size = int(batch_size)
@@ -303,16 +310,98 @@ class Predictor:
         return VolumePrediction(loaded, mask, processed, m)
 
 
+def _param_names(tree) -> dict[str, Any]:
+    """{"encoder1.conv1.kernel": leaf} of a nested dict of arrays (or of array metadata)."""
+    import jax
+
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def check_stored_shapes(path: str | os.PathLike, step: int | None = None) -> None:
+    """Refuse a checkpoint whose config does not build the model its stored arrays belong to,
+    comparing Orbax's metadata with the config's model before anything is restored.
+
+    Restoring such a checkpoint fails part-way through Orbax's concurrent reads, and the reads
+    still in flight then print tracebacks ("Event loop is closed") until the process exits. Does
+    nothing when the checkpoint cannot be located or read here: :func:`load_model` then says why.
+    """
+    import orbax.checkpoint as ocp
+
+    from unet_jax import checkpoint as ckpt
+    from unet_jax.config import Config
+    from unet_jax.model import model_to_pure
+
+    root = Path(path).absolute()
+    try:
+        directory, found_step = ckpt._resolve_checkpoint_dir(root, step)
+        item = directory / str(found_step)
+        meta = json.loads((item / "meta" / "metadata").read_text())
+        config = Config.from_dict(meta["config"])
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored_tree = checkpointer.metadata(item / "model")
+        stored_tree = getattr(stored_tree, "item_metadata", stored_tree)
+        needed = _param_names(model_to_pure(ckpt.abstract_model(config)))
+        stored = _param_names(stored_tree)
+    except Exception:
+        return
+    problems = [f"{k} missing" for k in needed if k not in stored]
+    problems += [f"{k} not in the model" for k in stored if k not in needed]
+    problems += [
+        f"{k} stored as {_shape(stored[k].shape)}, the config needs {_shape(needed[k].shape)}"
+        for k in needed
+        if k in stored and tuple(stored[k].shape) != tuple(needed[k].shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise PredictError(
+            f"{path}: the checkpoint's config (in_channels={config.in_channels}, "
+            f"out_channels={config.out_channels}, features={config.features}) does not match "
+            f"its stored parameters: {problems[0]}{more}"
+        )
+
+
+def check_finite(path: str | os.PathLike, model, meta: dict[str, Any]) -> None:
+    """Refuse a model whose parameters or BatchNorm statistics hold NaN or inf: it predicts
+    NaN logits, which threshold to empty masks without any error."""
+    from unet_jax.model import model_to_pure
+
+    bad = [
+        name
+        for name, leaf in _param_names(model_to_pure(model)).items()
+        if not np.isfinite(np.asarray(leaf, dtype=np.float32)).all()
+    ]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        step = meta.get("step")
+        raise PredictError(
+            f"{path}: the checkpoint{'' if step is None else f' of step {step}'} holds NaN or "
+            f"inf in {', '.join(bad[:3])}{more}; it would predict empty masks (use another "
+            "checkpoint, e.g. an earlier --step)"
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, step: int | None = None):
     """``(model, config, meta)`` from a training workdir or a converted checkpoint, with errors
-    as :class:`PredictError`."""
+    as :class:`PredictError`: a missing or foreign checkpoint, one whose config does not match
+    its stored arrays, or one whose parameters hold NaN or inf."""
     from unet_jax.checkpoint import CheckpointError, load_model
 
+    check_stored_shapes(path, step)
     try:
-        return load_model(path, step)
+        model, config, meta = load_model(path, step)
     except CheckpointError as e:
         raise PredictError(str(e)) from None
     except Exception as e:  # Orbax / config errors: a directory that is not a compatible checkpoint
+        reason = " ".join(str(e).split())
         raise PredictError(
-            f"{path}: cannot load a unet_jax checkpoint from it ({type(e).__name__}: {e})"
+            f"{path}: cannot load a unet_jax checkpoint from it ({type(e).__name__}: {reason})"
         ) from None
+    check_finite(path, model, meta)
+    return model, config, meta

@@ -12,6 +12,7 @@ from typing import Any
 
 from unet_jax.predict.export import (
     check_output,
+    output_errors,
     partial_output,
     write_settings,
     write_table,
@@ -92,24 +93,25 @@ def predict(
                     yield loaded
 
             for result in predictor.predict_volumes(loaded_volumes(), bar.update, note):
-                rows += write_volume(result, partial)
+                with output_errors(out):
+                    rows += write_volume(result, partial)
         seconds = time.perf_counter() - t0
-        write_table(rows, partial / "predictions.csv")
-        write_settings(
-            {
-                "checkpoint": str(Path(checkpoint).absolute()),
-                "step": meta.get("step"),
-                "config": config.to_dict(),
-                "threshold": predictor.threshold,
-                "lcc": lcc,
-                "batch_size": batch_size,
-                "device": predictor.device,
-                "volumes": len(volumes),
-                "slices": total,
-                "seconds": seconds,
-                "notices": notices,
-                "inputs": [str(Path(p).absolute()) for p in inputs],
-            },
-            partial / "predict.json",
-        )
+        with output_errors(out):
+            write_table(rows, partial / "predictions.csv")
+        settings = {
+            "checkpoint": str(Path(checkpoint).absolute()),
+            "step": meta.get("step"),
+            "config": config.to_dict(),
+            "threshold": predictor.threshold,
+            "lcc": lcc,
+            "batch_size": batch_size,
+            "device": predictor.device,
+            "volumes": len(volumes),
+            "slices": total,
+            "seconds": seconds,
+            "notices": notices,
+            "inputs": [str(Path(p).absolute()) for p in inputs],
+        }
+        with output_errors(out):
+            write_settings(settings, partial / "predict.json")
     return PredictSummary(out, rows, notices, len(volumes), total, seconds, predictor.device)
