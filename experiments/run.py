@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -211,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
         except Exception as e:
-            known = failure(e, group_dirs)
-            if known is None:
-                raise  # a bug: its traceback is what a report needs
-            print(f"error: {known[0]}", file=sys.stderr)
-            return known[1]
+            return report_failure(e, group_dirs)
     if multi:
         from unet_jax.compare import compare_runs
 
@@ -261,26 +259,44 @@ def _latest_steps(workdirs: list[Path]) -> str:
     return "; ".join(parts)
 
 
+def report_failure(exc: Exception, workdirs: list[Path]) -> int:
+    """Print a known failure's one line and return its exit code; re-raise anything else (a
+    bug: its traceback is what a report needs)."""
+    known = failure(exc, workdirs)
+    if known is None:
+        raise exc
+    print(f"error: {known[0]}", file=sys.stderr)
+    return known[1]
+
+
 def failure(exc: BaseException, workdirs: list[Path]) -> tuple[str, int] | None:
     """The one-line message and exit code for a failure the user can act on (bad input: 2; a
     diverged run or a full disk: 1), or None for anything else (a bug keeps its traceback)."""
+    from experiments.data import BadDataError
     from unet_jax.checkpoint import CheckpointError
     from unet_jax.data import DataNotFoundError
     from unet_jax.rundir import RunFolderError
     from unet_jax.train import DivergedError
 
     for e in _causes(exc):
+        text = str(e)
         if (isinstance(e, OSError) and e.errno in _STORAGE_FULL) or any(
-            t in str(e) for t in _STORAGE_FULL_TEXT
+            t in text for t in _STORAGE_FULL_TEXT
         ):
-            where = getattr(e, "filename", None) or (workdirs[0] if workdirs else "?")
+            # Orbax/TensorStore errors carry the file and errno only in their text.
+            found = re.search(r'(?:Failed writing|local file): "([^"]+)"', text)
+            where = getattr(e, "filename", None) or (found and found[1]) or workdirs[0]
+            reason = next((t for t in _STORAGE_FULL_TEXT if t in text), None)
+            reason = reason or os.strerror(e.errno) if isinstance(e, OSError) else reason
             return (
-                f"no space left for {where} ({_one_line(e)[:200]}): the run stopped. Safe: "
-                f"{_latest_steps(workdirs)} (a checkpoint is complete or absent, never half "
-                "written). Free space and run the same command again to resume from there",
+                f"writing {where} failed: {reason} (the disk or your quota is full): the run "
+                f"stopped. Safe: {_latest_steps(workdirs)} (a checkpoint is complete or absent, "
+                "never half written). Free space and run the same command again to resume",
                 1,
             )
-    if isinstance(exc, (DataNotFoundError, RunFolderError, CheckpointError)):
+    if isinstance(exc, (DataNotFoundError, BadDataError)):
+        return str(exc), 2  # one line naming the file (missing data: then how to download it)
+    if isinstance(exc, (RunFolderError, CheckpointError)):
         return _one_line(exc), 2
     if isinstance(exc, DivergedError):
         return _one_line(exc), 1

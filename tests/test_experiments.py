@@ -107,3 +107,91 @@ def test_seeds_repeat_every_run_and_only_seeds_of_one_run_on_real_data_pack():
     for bad in ("0,0", "a,b", ","):
         with pytest.raises(ValueError, match="--seeds"):
             resolve("smoke", parse_args(["--exp=smoke", "--seeds", bad]))
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_and_the_run_resumes_from_what_was_safe(tmp_path):
+    # A real failed write: after epoch 1 (step 4, checkpointed) the worker limits the size of
+    # the files it may write (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC), so saving
+    # step 8's checkpoint fails inside Orbax's threads. Expected: exit 1, stderr exactly one
+    # line naming the failed write and the safe checkpoint (no Orbax/asyncio tracebacks), and
+    # once space is back the same command resumes from step 4 and finishes.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).resolve().parent / "_full_disk_worker.py"
+    env = {**__import__("os").environ, "JAX_PLATFORMS": "cpu"}
+    wd = tmp_path / "run"
+    full = subprocess.run(
+        [sys.executable, str(worker), str(wd), "1", "20000"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert full.returncode == 1, full.stderr[-3000:]
+    lines = full.stderr.strip().splitlines()
+    assert len(lines) == 1, full.stderr[-3000:]
+    assert lines[0].startswith("error: writing ") and "File too large" in lines[0]
+    assert f"Safe: step 4 in {wd / 'checkpoints' / 'latest'}" in lines[0]
+    again = subprocess.run(
+        [sys.executable, str(worker), str(wd)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout and "at step 4" in again.stdout
+    assert sorted(p.name for p in (wd / "checkpoints" / "latest").iterdir()) == ["12", "8"]
+
+
+def test_run_folder_problems_are_one_line_and_exit_2_before_anything_is_written(tmp_path, capsys):
+    # A config.json that is not JSON, and a workdir another run holds (a real second process
+    # holding the lock): one `error:` line naming the file or folder, exit 2, no traceback.
+    import subprocess
+    import sys
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "config.json").write_text("{not json")
+    assert main(["--exp=smoke", "--workdir", str(wd)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "config.json" in err[0]
+    assert sorted(p.name for p in wd.iterdir()) == [".lock", "config.json"]
+
+    held = tmp_path / "held"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from unet_jax.rundir import lock_workdir; "
+         "lock = lock_workdir(sys.argv[1]); print('locked', flush=True); time.sleep(120)",
+         str(held)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["--exp=smoke", "--workdir", str(held)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(held) in err[0] and str(holder.pid) in err[0]
+        assert not (held / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_known_failures_map_to_one_line_and_an_exit_code(tmp_path):
+    import errno
+
+    from experiments.run import failure
+    from unet_jax.checkpoint import CheckpointError
+    from unet_jax.train import DivergedError
+
+    (tmp_path / "checkpoints" / "latest" / "12").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest" / "8.orbax-checkpoint-tmp").mkdir()
+    try:  # a full disk deep in a chain, as Orbax wraps it
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as e:
+        message, code = failure(e, [tmp_path])
+    assert code == 1 and f"writing {tmp_path / 'x'} failed: No space left on device" in message
+    assert f"Safe: step 12 in {tmp_path / 'checkpoints' / 'latest'}" in message
+    assert failure(CheckpointError("damaged\nfolder"), [tmp_path]) == ("damaged folder", 2)
+    assert failure(DivergedError("diverged"), [tmp_path]) == ("diverged", 1)
+    assert failure(ZeroDivisionError("a bug"), [tmp_path]) is None  # keeps its traceback

@@ -8,12 +8,15 @@ baseline's preprocessing (``skimage_baseline`` in tests/_reference.py).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -431,6 +434,139 @@ def test_command_line_with_worker_processes(
     )
     assert out.returncode == 2
     assert "cannot read the TIFF" in out.stderr and str(bad) in out.stderr
+
+
+def test_the_zip_archive_itself_as_manual_dir(layouts, synthetic_tfds_dir, tmp_path, capsys):
+    from datasets.lgg_mri_segmentation.__main__ import main
+
+    archive = tmp_path / "archive.zip"  # the name Kaggle's download button gives
+    shutil.copy(next(layouts["zip"].glob("*.zip")), archive)
+    args = ["--manual_dir", str(archive), "--config", "raw", "--num_workers", "0"]
+    assert main([*args, "--data_dir", str(tmp_path / "a")]) == 0
+    for split in ("train", "validation"):
+        assert_same_examples(
+            all_examples(tmp_path / "a", "raw", split),
+            all_examples(synthetic_tfds_dir, "raw", split),
+        )
+    assert lgg.open_source(archive) == lgg.Source("kaggle_3m", str(archive))
+    capsys.readouterr()
+    # Not the archive, a truncated download, an archive of something else: one line naming it.
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    truncated = tmp_path / "partial.zip"
+    truncated.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    unrelated = tmp_path / "photos.zip"
+    with zipfile.ZipFile(unrelated, "w") as zf:
+        zf.writestr("holiday/beach.jpg", b"x")
+    for path, what in (
+        (other, "not a folder or a zip archive"),
+        (truncated, "cannot read the zip archive"),
+        (unrelated, "no LGG data found in the zip archive"),
+    ):
+        args[1] = str(path)
+        assert main([*args, "--data_dir", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert str(path) in line and what in line
+    assert not is_built_here(tmp_path / "b")
+
+
+def is_built_here(data_dir: Path) -> bool:
+    return any((data_dir / NAME).glob("*/*/dataset_info.json"))
+
+
+def _blocking_manual(manual: Path) -> Path:
+    """Turn one slice of ``manual`` into a named pipe: a build blocks reading it (a reproducible
+    point in the middle of a build). Returns the pipe."""
+    folder = first_patient(manual)
+    pipe = folder / f"{folder.name}_2.tif"
+    pipe.unlink()
+    os.mkfifo(pipe)
+    return pipe
+
+
+def _start_blocked_build(manual: Path, data_dir: Path, workers: int):
+    """The command in a child process (its own process group, as a terminal's foreground job),
+    returned once the build blocks on the pipe; and the pipe's write end (kept open: the reader
+    waits for data)."""
+    pipe = _blocking_manual(manual)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "datasets.lgg_mri_segmentation", "--manual_dir", str(manual)]
+        + ["--data_dir", str(data_dir), "--config", "raw", "--num_workers", str(workers)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:  # succeeds once a reader has the pipe open: the build is in the middle
+            return child, os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            pass
+        if child.poll() is not None:
+            pytest.fail(f"the build ended first:\n{child.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(child.pid, signal.SIGKILL)
+            pytest.fail("the build never reached the pipe")
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_ctrl_c_of_the_command_is_one_line_and_leaves_nothing(manual, tmp_path):
+    # Ctrl-C in a terminal signals the whole foreground process group: the command and its
+    # worker processes.
+    child, fd = _start_blocked_build(manual, tmp_path / "d", workers=2)
+    try:
+        os.killpg(child.pid, signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    (line,) = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert f"{NAME}/raw" in line and str(tmp_path / "d") in line
+    assert not list((tmp_path / "d" / NAME / "raw").glob("*"))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
+def test_leftovers_of_a_killed_build_are_removed_by_the_next(
+    manual, synthetic_manual_dir, synthetic_tfds_dir, tmp_path, capsys
+):
+    from datasets.lgg_mri_segmentation.__main__ import main
+
+    data_dir = tmp_path / "d"
+    child, fd = _start_blocked_build(manual, data_dir, workers=0)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.communicate(timeout=60)
+    os.close(fd)
+    leftovers = list((data_dir / NAME / "raw").glob("incomplete.*"))
+    assert len(leftovers) == 1 and leftovers[0].is_dir()
+    # Look-alikes that are not leftovers of this builder's builds stay.
+    others = [
+        data_dir / "other_dataset" / "raw" / leftovers[0].name,  # another builder's
+        data_dir / NAME / "raw" / "incomplete_notes",  # not TFDS's pattern
+    ]
+    for other in others:
+        other.mkdir(parents=True)
+    (data_dir / NAME / "raw" / "incomplete.ABCDEF_1.0.0").write_text("a file, not a build")
+    capsys.readouterr()
+    args = ["--manual_dir", str(synthetic_manual_dir), "--data_dir", str(data_dir)]
+    assert main([*args, "--config", "raw", "--num_workers", "0"]) == 0
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "interrupted build" in ln]
+    assert str(leftovers[0]) in line
+    assert not leftovers[0].exists()
+    assert all(other.is_dir() for other in others)
+    assert (data_dir / NAME / "raw" / "incomplete.ABCDEF_1.0.0").is_file()
+    for split in ("train", "validation"):
+        assert_same_examples(
+            all_examples(data_dir, "raw", split), all_examples(synthetic_tfds_dir, "raw", split)
+        )
 
 
 def _fake_huggingface_datasets(root: Path) -> Path:

@@ -443,3 +443,28 @@ def test_vmapped_packing_matches_the_lone_runs_within_float_rounding():
             assert packed[r].step == t.step == 8
     # Different seeds give different losses (the comparison above is not of one run twice).
     assert not np.array_equal(np.asarray(outs[0]["loss"]), np.asarray(outs[1]["loss"]))
+
+
+def test_diverged_parameters_are_never_called_a_good_checkpoint(tmp_path):
+    # Issue: with an absurd learning rate the message named a checkpoint whose parameters
+    # reached 5e28 (predict from it: empty masks). Now a checkpoint is saved only when every
+    # parameter is finite and within PARAM_LIMIT; the error names the last good one, and it is.
+    from unet_jax.epoch_end import PARAM_LIMIT
+    from unet_jax.model import model_to_pure
+    from unet_jax.train import DivergedError
+
+    cfg = tiny_config(
+        "diverge", epochs=2, warmup_epochs=1, schedule="constant", checkpoint_every_steps=1,
+        log_every_steps=1, seed=8,
+    ).replace(learning_rate=1e30)  # fmt: skip
+    with pytest.raises(DivergedError) as info:
+        train_and_evaluate(cfg, tmp_path, data=blob_train_val(), progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "last good checkpoint is step" in message
+    good = int(message.split("last good checkpoint is step ")[1].split()[0])
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints" / "latest").iterdir())
+    assert steps and steps[-1] == good
+    for step in steps:
+        model, _, _ = load_model(tmp_path, step=step)
+        leaves = [np.asarray(x) for x in jax.tree.leaves(model_to_pure(model))]
+        assert all(np.isfinite(x).all() and np.abs(x).max() <= PARAM_LIMIT for x in leaves)

@@ -30,7 +30,9 @@ step when one is kept (``keep_latest`` >= 2), moving the damaged one to
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +92,14 @@ def _one_line(err: BaseException, limit: int = 250) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _ignore_closed_loop_noise() -> None:
-    """Keep a failed Orbax restore to its one error.
+def _quiet_orbax_noise() -> None:
+    """Keep a failed Orbax save or restore to its one error (which reaches the caller).
 
-    When a read fails, the reads still in flight complete later on a closed asyncio loop and
-    each prints an "Event loop is closed" traceback through ``sys.unraisablehook``, tens of
-    them, after the error itself. This wraps the hook (once per process) to drop exactly that
-    error; every other one goes to the previous hook.
+    When a write or read fails (a damaged checkpoint, a full disk), Orbax's worker thread logs
+    the error with its traceback through absl, and the operations still in flight complete later
+    on a closed asyncio loop, each printing an "Event loop is closed" traceback through
+    ``sys.unraisablehook``: hundreds of lines around the one error that matters. This drops
+    exactly those messages (once per process); every other one goes through.
     """
     previous = sys.unraisablehook
     if getattr(previous, "_unet_jax_quiet", False):
@@ -110,6 +113,29 @@ def _ignore_closed_loop_noise() -> None:
 
     hook._unet_jax_quiet = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    logging.getLogger("absl").addFilter(_drop_orbax_thread_errors)
+    logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
+    # ... and the writes a failed save never started are reported as never awaited at exit.
+    warnings.filterwarnings(
+        "ignore", message="coroutine 'async_serialize_from_host", category=RuntimeWarning
+    )
+
+
+def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
+    """asyncio log filter: False for "Task exception was never retrieved" of an Orbax write
+    (the first failed write's error reaches the caller; these are its siblings)."""
+    message = record.getMessage()
+    return not ("never retrieved" in message and "orbax" in message)
+
+
+def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:
+    """absl log filter: False for Orbax's report of an exception its worker thread raised (the
+    same exception is raised to the caller of the save or restore, which reports it)."""
+    return not (
+        record.levelno >= logging.ERROR
+        and "orbax" in record.pathname
+        and "raised an exception" in record.getMessage()
+    )
 
 
 def build_model(config: Config, seed: int = 0) -> UNet:
@@ -154,6 +180,7 @@ class TrainCheckpoints:
     """The ``latest`` and ``best`` checkpoint managers of one training workdir."""
 
     def __init__(self, workdir: str | Path, keep_latest: int = 1):
+        _quiet_orbax_noise()
         self.root = Path(workdir).absolute() / CHECKPOINTS_DIRNAME
         self.latest = _manager(self.root / "latest", max_to_keep=keep_latest)
         self.best = _best_manager(self.root / "best")
@@ -257,7 +284,7 @@ class TrainCheckpoints:
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
             return None
-        _ignore_closed_loop_noise()
+        _quiet_orbax_noise()
         damaged: list[int] = []
         first_error = ""
         for step in steps:
@@ -406,7 +433,7 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), model_to_pure(model)
     )
-    _ignore_closed_loop_noise()
+    _quiet_orbax_noise()
     try:
         load_pure(model, ocp.StandardCheckpointer().restore(item / "model", target))
     except Exception as e:  # damaged files or another model: one line

@@ -17,6 +17,10 @@ FLAIR (channel 1) over a run of contiguous slices. The mask is exactly the lesio
 U-Net learns it within a few hundred steps. The first and last slices cut the ellipsoid near its
 poles, like the real volumes whose end slices hold little or no brain.
 
+Writes are atomic: each output is written under a hidden name beside its place and renamed into
+place when complete (:func:`partial_path`, :func:`replace_with`), so a killed write never leaves a
+partial data set where a complete one is expected; the next write removes its leftovers.
+
 The builder of the TFDS data set (``datasets/lgg_mri_segmentation``) requires 256x256 slices, as
 in the real download; smaller ``size`` values are for fast tests of code that does not go through
 it (e.g. ``unet_jax.preprocess``).
@@ -37,10 +41,16 @@ statistics as the data set builder does.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import re
+import secrets
+import shutil
+import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -54,14 +64,25 @@ if TYPE_CHECKING:  # input_pipeline imports JAX; the kaggle_3m writer must not n
 
 __all__ = [
     "CSV_HEADER",
+    "GENERATOR_VERSION",
     "blob_split",
     "blob_volume",
     "disc_split",
     "disc_volume",
+    "exclusive_lock",
+    "partial_path",
+    "remove_atomically",
+    "remove_leftovers",
+    "replace_with",
     "split_from_volumes",
     "synthetic_volume",
     "write_synthetic_kaggle3m",
 ]
+
+#: Version of what :func:`write_synthetic_kaggle3m` writes for given arguments: raise it whenever a
+#: change of this module changes the files, so that data written before is not taken for current
+#: (``experiments.data`` stamps the data it generates with it).
+GENERATOR_VERSION = 1
 
 #: The header of the real ``data.csv``, in its order (the builder's fields after ``Patient``).
 CSV_HEADER: tuple[str, ...] = ("Patient",) + CSV_FIELDS
@@ -237,6 +258,12 @@ def write_synthetic_kaggle3m(
 ) -> Path:
     """Write a synthetic data set in the layout of the Kaggle LGG download.
 
+    Each output (a ``kaggle_3m`` folder, the zip archive) is written aside under a hidden name
+    (``.<name>.partial-*``) and renamed into place when complete, replacing what was there: a
+    killed write leaves the previous output (or none), never a partial one. The hidden leftovers
+    of a killed write are removed by the next write into ``root`` (concurrent writes into one
+    ``root`` wait for each other where the platform has ``fcntl``).
+
     Args:
       root: output folder (created).
       num_patients: number of patient folders.
@@ -260,40 +287,151 @@ def write_synthetic_kaggle3m(
         raise ValueError(f"slices must be (min, max) with 1 <= min <= max, got {slices}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    patients = _patient_names(rng, num_patients)
-    rows = _csv_rows(rng, patients, missing_rate)
-
-    # Encode every file once, then write it to each copy (the archive holds the data twice).
-    files: dict[str, bytes] = {}
-    for folder in patients:
-        images, masks = synthetic_volume(rng, int(rng.integers(lo, hi + 1)), size)
-        for n, (image, mask) in enumerate(zip(images, masks), start=1):
-            for name, pixels in ((f"{folder}_{n}.tif", image), (f"{folder}_{n}_mask.tif", mask)):
-                buf = io.BytesIO()
-                Image.fromarray(pixels).save(buf, format="TIFF")
-                files[f"{folder}/{name}"] = buf.getvalue()
-    csv_bytes = {style: _csv_bytes(rows, style) for style in ("comma", "semicolon_crlf")}
-
     copies = [("kaggle_3m", "comma")]
     if layout != "kaggle_3m":
         copies.append(("lgg-mri-segmentation/kaggle_3m", "semicolon_crlf"))
-    if layout == "zip":
-        archive = root / "lgg-mri-segmentation.zip"
-        with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-            for prefix, style in copies:
-                zf.writestr(f"{prefix}/data.csv", csv_bytes[style])
-                for rel, data in files.items():
-                    zf.writestr(f"{prefix}/{rel}", data)
-        return archive
-    for prefix, style in copies:
-        base = root / prefix
-        for folder in patients:
-            (base / folder).mkdir(parents=True, exist_ok=True)
-        for rel, data in files.items():
-            (base / rel).write_bytes(data)
-        (base / "data.csv").write_bytes(csv_bytes[style])
+    with exclusive_lock(root):
+        outputs = (
+            [root / "lgg-mri-segmentation.zip"]
+            if layout == "zip"
+            else [root / prefix for prefix, _ in copies]
+        )
+        for out in outputs:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(out)
+        rng = np.random.default_rng(seed)
+        patients = _patient_names(rng, num_patients)
+        rows = _csv_rows(rng, patients, missing_rate)
+        csv_bytes = {style: _csv_bytes(rows, style) for style in ("comma", "semicolon_crlf")}
+
+        def slice_files() -> Iterator[tuple[str, bytes]]:
+            """``(path relative to kaggle_3m, TIFF bytes)`` of every slice, patient by patient
+            (each encoded once, written to every copy)."""
+            for folder in patients:
+                images, masks = synthetic_volume(rng, int(rng.integers(lo, hi + 1)), size)
+                for n, (image, mask) in enumerate(zip(images, masks), start=1):
+                    for name, pixels in (
+                        (f"{folder}_{n}.tif", image),
+                        (f"{folder}_{n}_mask.tif", mask),
+                    ):
+                        buf = io.BytesIO()
+                        Image.fromarray(pixels).save(buf, format="TIFF")
+                        yield f"{folder}/{name}", buf.getvalue()
+
+        if layout == "zip":
+            (archive,) = outputs
+            tmp = partial_path(archive)
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+                for prefix, style in copies:
+                    zf.writestr(f"{prefix}/data.csv", csv_bytes[style])
+                for rel, data in slice_files():
+                    for prefix, _ in copies:
+                        zf.writestr(f"{prefix}/{rel}", data)
+            os.replace(tmp, archive)
+            return archive
+        tmps = [partial_path(out) for out in outputs]
+        for tmp in tmps:
+            tmp.mkdir()
+        for rel, data in slice_files():
+            for tmp in tmps:
+                (tmp / rel).parent.mkdir(exist_ok=True)
+                (tmp / rel).write_bytes(data)
+        for tmp, (_, style) in zip(tmps, copies):
+            (tmp / "data.csv").write_bytes(csv_bytes[style])
+        for tmp, out in zip(tmps, outputs):
+            replace_with(out, tmp)
     return root / "kaggle_3m"
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial|old)-[0-9]+-[0-9a-f]{8}$")
+
+
+def partial_path(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` to write it under before :func:`replace_with`
+    (``.<name>.partial-<pid>-<random>``)."""
+    return path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def replace_with(path: Path, new: Path) -> None:
+    """Put the complete ``new`` (a file or folder) in the place of ``path``.
+
+    A folder already at ``path`` is first renamed aside (``.<name>.old-*``), then deleted, so
+    that ``path`` never holds a mix of old and new; a kill between the two renames leaves no
+    ``path`` and hidden leftovers, which :func:`remove_leftovers` deletes.
+    """
+    if new.is_dir() and path.is_dir():
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        path.rename(old)
+        new.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, path)
+
+
+def remove_atomically(path: Path) -> None:
+    """Delete the folder (or file) ``path``: renamed aside first, so that a kill never leaves
+    part of it in place (the renamed leftover is one that :func:`remove_leftovers` deletes)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        path.unlink()
+        return
+    old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    path.rename(old)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Delete the hidden ``.partial-*`` / ``.old-*`` leftovers of killed writes of ``path``.
+
+    Call it only while holding :func:`exclusive_lock` on ``path.parent`` (otherwise a write in
+    progress elsewhere may be one of them). Prints one line per leftover; returns them.
+    """
+    removed = []
+    try:
+        entries = sorted(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _LEFTOVER.match(entry.name)
+        if m is None or m["name"] != path.name:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        print(f"removed {entry}: left by an interrupted write of {path}", file=sys.stderr)
+        removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path | str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (which must exist) for the ``with`` block.
+
+    Other processes taking the lock on the same folder wait (a one-line notice says so); the lock
+    goes with its holder, so a killed process never leaves it taken. Without ``fcntl`` (Windows)
+    or where the file system refuses locks, the block runs unlocked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process writing in {folder} ...", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # e.g. a network file system without locks
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ----------------------------------------------------------------------------- in-memory splits

@@ -321,8 +321,7 @@ def train_runs(
         # One training process per workdir (process 0 of a multi-host run holds the lock).
         for w in workdirs:
             stack.enter_context(rundir.lock_workdir(w, enabled=is_main))
-        stop = stack.enter_context(_StopRequests())
-        return _train_runs(configs, workdirs, data, restart, progress, on_epoch_end, stop)
+        return _train_runs(configs, workdirs, data, restart, progress, on_epoch_end)
 
 
 class _StopRequests:
@@ -362,9 +361,7 @@ class _StopRequests:
             raise KeyboardInterrupt(signal.Signals(self.signum).name)
 
 
-def _train_runs(
-    configs, workdirs, data, restart, progress, on_epoch_end, stop
-) -> list[dict[str, Any]]:
+def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> list[dict[str, Any]]:
     """:func:`train_runs` with its workdirs locked."""
     t_start, compile_start = time.perf_counter(), compile_seconds()
     config = configs[0]
@@ -376,7 +373,7 @@ def _train_runs(
         if len(steps) > 1:
             print(f"packed runs resume at different steps {sorted(steps)}: one after another")
             return [
-                _train_runs([c], [w], data, False, progress, on_epoch_end, stop)[0]
+                _train_runs([c], [w], data, False, progress, on_epoch_end)[0]
                 for c, w in zip(configs, workdirs)
             ]
     if data is None:
@@ -421,7 +418,10 @@ def _train_runs(
     try:
         for c, w, t in zip(configs, workdirs, trainers):
             runs.append(_Run(c, w, t, val, truth, is_main, total_steps, progress, on_epoch_end))
-        _train_loop(runs, stepper, streaming, predict_step, total_steps, stop)
+        # Signals become stop requests once there is training to save (before, they stop
+        # the data build or the setup at once, which loses nothing).
+        with _StopRequests() as stop:
+            _train_loop(runs, stepper, streaming, predict_step, total_steps, stop)
     except BaseException:
         _for_each(runs, _Run.close)  # the first error is the one that propagates
         raise

@@ -29,12 +29,20 @@ from unet_jax.lgg import (
 
 from .archive import Source, find_kaggle_root, open_source
 from .kaggle import LGGDataWarning, PatientFiles, list_patients, read_data_csv, read_patient
-from .lgg_mri_segmentation_dataset_builder import Builder, LggConfig, build
+from .lgg_mri_segmentation_dataset_builder import (
+    Builder,
+    LggConfig,
+    build,
+    data_error_in,
+    remove_incomplete_builds,
+)
 
 __all__ = [
     "Builder",
     "LggConfig",
     "build",
+    "data_error_in",
+    "remove_incomplete_builds",
     "CSV_FIELDS",
     "HOLDOUT_SEED",
     "HOLDOUT_SIZE",

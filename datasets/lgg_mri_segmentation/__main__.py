@@ -2,8 +2,12 @@
 
     python -m datasets.lgg_mri_segmentation --manual_dir M --data_dir D [--config baseline|raw|all]
 
-Run from the project's root (or with the project installed). Writes array_record files under
-``D/lgg_mri_segmentation/<config>/1.0.0/``; an existing build is reused unless ``--overwrite``.
+Run from the project's root (or with the project installed). ``M`` is the Kaggle zip archive
+itself (e.g. ``archive.zip``) or a folder holding the download (the zip, the unpacked archive or a
+kaggle_3m folder). Writes array_record files under ``D/lgg_mri_segmentation/<config>/1.0.0/``; an
+existing build is reused unless ``--overwrite``. A build is renamed into place only when complete:
+an interrupted one (Ctrl-C: exit status 130) leaves nothing, and the leftovers of a killed one are
+removed by the next build. Bad input stops it with one line naming the file (exit status 2).
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import logging
 import sys
 import time
 
-from unet_jax.lgg import LGGDataError
+from .lgg_mri_segmentation_dataset_builder import build, data_error_in
 
-from .lgg_mri_segmentation_dataset_builder import build
+NAME = "lgg_mri_segmentation"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--manual_dir",
         required=True,
-        help="folder holding the Kaggle download (zip, unpacked archive or kaggle_3m)",
+        help="the Kaggle zip archive (e.g. archive.zip), or a folder holding it, the unpacked "
+        "archive or kaggle_3m",
     )
     parser.add_argument("--data_dir", required=True, help="TFDS data directory to write to")
     parser.add_argument(
@@ -58,14 +63,24 @@ def main(argv: list[str] | None = None) -> int:
                 num_workers=args.num_workers,
                 overwrite=args.overwrite,
             )
-        except LGGDataError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(
+                f"interrupted: {NAME}/{config} not built in {args.data_dir} (nothing partial is "
+                "kept; run the command again to build it)",
+                file=sys.stderr,
+            )
+            return 130
+        except Exception as e:
+            error = data_error_in(e)
+            if error is None:
+                raise
+            print(f"error: {error}", file=sys.stderr)
             return 2
         splits = ", ".join(
             f"{name}: {info.num_examples}" for name, info in builder.info.splits.items()
         )
         print(
-            f"lgg_mri_segmentation/{config}: {splits} examples in {builder.data_dir} "
+            f"{NAME}/{config}: {splits} examples in {builder.data_dir} "
             f"({time.perf_counter() - start:.1f} s)"
         )
     return 0

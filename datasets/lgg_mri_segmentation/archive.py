@@ -1,6 +1,7 @@
 """Where the Kaggle LGG download (``kaggle_3m``) is: a folder on disk or a folder in a zip archive.
 
-Accepted inputs (see :func:`find_kaggle_root`): the Kaggle zip archive itself, the unpacked
+Accepted inputs (see :func:`find_kaggle_root`): the Kaggle zip archive itself (the manual
+directory may be the archive file, e.g. ``archive.zip``, or a folder holding it), the unpacked
 archive (which holds the data twice: ``kaggle_3m/`` and ``lgg-mri-segmentation/kaggle_3m/``; the
 two copies are checked to be the same and one is read), or a bare ``kaggle_3m`` folder (or a
 folder holding it). What is in the folder is checked by :mod:`.kaggle`.
@@ -98,7 +99,9 @@ def _zip(archive: str) -> zipfile.ZipFile:
         try:
             zf = zipfile.ZipFile(archive)
         except (OSError, zipfile.BadZipFile) as e:
-            raise LGGDataError(f"{archive}: cannot read the zip archive ({e})") from e
+            raise LGGDataError(
+                f"{archive}: cannot read the zip archive ({e}; an incomplete download?)"
+            ) from e
         _ZIPS[archive] = zf
     return zf
 
@@ -167,13 +170,18 @@ def _zip_candidates(manual_dir: Path, max_depth: int = 2) -> list[tuple[Path, st
             if not f.lower().endswith(".zip"):
                 continue
             archive = str(Path(dirpath) / f)
-            prefixes = set()
-            for name in _zip_index(archive)[1]:
-                parts = name.split("/")
-                if len(parts) >= 3 and parts[-2].startswith("TCGA_") and name.endswith(".tif"):
-                    prefixes.add("/".join(parts[:-2]))
-            out += [(Path(archive), p) for p in sorted(prefixes) if p]
+            out += [(Path(archive), p) for p in _archive_prefixes(archive)]
     return out
+
+
+def _archive_prefixes(archive: str) -> list[str]:
+    """Member prefixes of the kaggle_3m-like folders (holding TCGA_*/*.tif) in an archive."""
+    prefixes = set()
+    for name in _zip_index(archive)[1]:
+        parts = name.split("/")
+        if len(parts) >= 3 and parts[-2].startswith("TCGA_") and name.endswith(".tif"):
+            prefixes.add("/".join(parts[:-2]))
+    return sorted(p for p in prefixes if p)
 
 
 def _listing(source: Source) -> dict[str, tuple[str, ...]]:
@@ -206,9 +214,27 @@ def _pick_copy(sources: list[Source], what: str) -> Source:
     return sources[0]
 
 
+def _archive_source(archive: Path) -> Source:
+    """The data inside one zip archive given itself as the manual directory."""
+    if archive.suffix.lower() != ".zip" and not zipfile.is_zipfile(archive):
+        raise LGGDataError(
+            f"{archive} is a file, not a folder or a zip archive: pass the Kaggle zip archive "
+            "(archive.zip) or the folder holding the download as --manual_dir"
+        )
+    found = _archive_prefixes(str(archive))
+    if not found:
+        raise LGGDataError(
+            f"no LGG data found in the zip archive {archive}: expected TCGA_* patient folders "
+            "with .tif slices (kaggle_3m) inside it.\n\n" + MANUAL_DOWNLOAD_INSTRUCTIONS
+        )
+    return _pick_copy([Source(p, str(archive)) for p in found], str(archive))
+
+
 def open_source(manual_dir: str | os.PathLike) -> Source:
     """Locate the data in ``manual_dir`` (see :func:`find_kaggle_root`) as a :class:`Source`."""
     manual_dir = Path(manual_dir).expanduser()
+    if manual_dir.is_file():
+        return _archive_source(manual_dir)
     if not manual_dir.is_dir():
         raise LGGDataError(
             f"manual directory {manual_dir} does not exist.\n\n" + MANUAL_DOWNLOAD_INSTRUCTIONS
@@ -244,6 +270,7 @@ def open_source(manual_dir: str | os.PathLike) -> Source:
 def find_kaggle_root(manual_dir: str | os.PathLike) -> Path | zipfile.Path:
     """The ``kaggle_3m`` folder inside ``manual_dir``, as users have the download.
 
+    ``manual_dir`` may also be the zip archive itself (as downloaded, e.g. ``archive.zip``).
     Looks (up to three folders deep) for a folder holding ``TCGA_*`` patient folders with .tif
     files: ``manual_dir`` itself, ``manual_dir/kaggle_3m``, or the unpacked archive's two copies
     (``kaggle_3m`` and ``lgg-mri-segmentation/kaggle_3m``, checked to hold the same files; the

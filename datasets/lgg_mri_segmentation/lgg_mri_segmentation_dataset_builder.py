@@ -18,7 +18,11 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import re
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from etils import epath
 
 from unet_jax import lgg
 from unet_jax.lgg import CSV_FIELDS, MISSING, SLICE_SIZE, LGGDataError
+from unet_jax.synthetic import exclusive_lock
 
 from . import archive, kaggle
 
@@ -108,6 +113,21 @@ def _spawn_environment() -> Iterator[None]:
         sys.path[:] = saved_path
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Processes started in the block ignore SIGINT (an ignored signal stays ignored across exec,
+    and Python then installs no KeyboardInterrupt handler): on Ctrl-C only this process gets the
+    KeyboardInterrupt and stops the workers, instead of every worker printing a traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class _PatientPool:
     """Runs ``kaggle.patient_examples`` over patients, in order, in spawned worker processes.
 
@@ -127,7 +147,7 @@ class _PatientPool:
         if self._pool is None:
             # spawn, not fork: the caller may hold threads (JAX, TFDS) that fork would copy broken.
             ctx = multiprocessing.get_context("spawn")
-            with _spawn_environment():
+            with _spawn_environment(), _sigint_ignored():
                 self._pool = ctx.Pool(self._num_workers)
         try:
             yield from self._pool.imap(_patient_examples_star, jobs)
@@ -181,10 +201,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # (see above); this is what it computes otherwise.
         return epath.Path(__file__)
 
-    def __init__(self, *, num_workers: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        num_workers: int | None = None,
+        manual_path: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ):
         """Args: num_workers: processes that read and preprocess patients (0: in this process;
-        default: the number of CPUs, at most 8); other arguments as ``tfds.core.DatasetBuilder``."""
+        default: the number of CPUs, at most 8); manual_path: where the download is (a folder or
+        the zip archive itself; default: the download config's manual_dir); other arguments as
+        ``tfds.core.DatasetBuilder``."""
         self._num_workers = _default_workers() if num_workers is None else int(num_workers)
+        self._manual_path = None if manual_path is None else os.fspath(manual_path)
         # Its worker processes start on first use, so an unused pool costs nothing.
         self._pool = _PatientPool(self._num_workers)
         super().__init__(**kwargs)
@@ -199,10 +228,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-        try:
-            manual_dir = dl_manager.manual_dir
-        except AssertionError as e:  # TFDS's own check: missing or empty directory
-            raise LGGDataError(str(e)) from None
+        manual_dir = self._manual_path
+        if manual_dir is None:
+            try:
+                manual_dir = dl_manager.manual_dir
+            except AssertionError as e:  # TFDS's own check: missing or empty directory
+                raise LGGDataError(str(e)) from None
+            except NotADirectoryError as e:  # a file: the zip archive itself
+                manual_dir = e.filename
         source = archive.open_source(manual_dir)
         log.info("Reading the LGG data from %s", source.describe())
         patients = kaggle.list_patients(source)
@@ -253,6 +286,44 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 pool.close()
 
 
+def data_error_in(error: BaseException) -> LGGDataError | None:
+    """The :class:`LGGDataError` that ``error`` is or was caused by (through ``__cause__`` /
+    ``__context__``, e.g. re-raised by TFDS or by a worker pool), or ``None``."""
+    seen = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, LGGDataError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+#: The folder TFDS writes a build into before renaming it to ``<version>`` (its
+#: ``utils.incomplete_dir``); a killed build leaves it behind.
+_INCOMPLETE = re.compile(r"^incomplete\.[A-Za-z0-9]+_\d+\.\d+\.\d+$")
+
+
+def remove_incomplete_builds(config_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``incomplete.*`` folders that killed builds left in ``config_dir``
+    (``<data_dir>/lgg_mri_segmentation/<config>``), printing one line for each.
+
+    Only folders of TFDS's pattern (``incomplete.<6 characters>_<version>``) directly in that
+    folder are touched. Call it only while holding the build lock (:func:`build` does), since a
+    build in progress elsewhere writes one of them.
+    """
+    removed = []
+    config_dir = Path(config_dir)
+    if not config_dir.is_dir():
+        return removed
+    for entry in sorted(config_dir.iterdir()):
+        if _INCOMPLETE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            print(f"removed {entry}: left by an interrupted build", file=sys.stderr)
+            removed.append(entry)
+    return removed
+
+
 def build(
     manual_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -263,8 +334,14 @@ def build(
 ) -> Builder:
     """Build (or reuse) one config of the data set as array_record files, without TensorFlow.
 
+    Builds of one ``data_dir`` and config wait for each other (through an ``flock`` on
+    ``data_dir/lgg_mri_segmentation/<config>``); the leftovers of killed builds there are removed
+    first (:func:`remove_incomplete_builds`). A build is written aside by TFDS and renamed into
+    place when complete, so an interrupted one leaves no partial data set.
+
     Args:
-      manual_dir: where the Kaggle download is (zip, unpacked archive or kaggle_3m folder).
+      manual_dir: where the Kaggle download is: the zip archive itself (e.g. ``archive.zip``), or
+        a folder holding the zip, the unpacked archive or a kaggle_3m folder.
       data_dir: TFDS data directory; the result is ``data_dir/lgg_mri_segmentation/<config>/1.0.0``.
       config: ``"baseline"`` or ``"raw"``.
       num_workers: processes for reading/preprocessing (0: none; default: CPUs, at most 8).
@@ -279,21 +356,27 @@ def build(
     """
     if config not in ("baseline", "raw"):
         raise ValueError(f"config must be 'baseline' or 'raw', got {config!r}")
-    builder = Builder(
-        # The constructor's file_format sets info.file_format, which both writing and reading use.
-        config=config,
-        data_dir=os.fspath(data_dir),
-        file_format="array_record",
-        num_workers=num_workers,
-    )
-    mode = (
-        tfds.download.GenerateMode.FORCE_REDOWNLOAD
-        if overwrite
-        else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    )
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            manual_dir=os.fspath(manual_dir), download_mode=mode
-        ),
-    )
+    data_dir = Path(data_dir).expanduser()
+    config_dir = data_dir / Builder.name / config
+    config_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(config_dir):
+        remove_incomplete_builds(config_dir)
+        builder = Builder(
+            # The constructor's file_format sets info.file_format, which writing and reading use.
+            config=config,
+            data_dir=os.fspath(data_dir),
+            file_format="array_record",
+            num_workers=num_workers,
+            manual_path=manual_dir,
+        )
+        mode = (
+            tfds.download.GenerateMode.FORCE_REDOWNLOAD
+            if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+        )
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=os.fspath(manual_dir), download_mode=mode
+            ),
+        )
     return builder
