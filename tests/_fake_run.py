@@ -1,6 +1,7 @@
 """Fabricated run workdirs for the run-folder, report and comparison tests: three small volumes
 with known predictions, a metrics log, per_patient.csv and predictions.npz, written as training
-writes them (or with pieces left out).
+writes them (or with pieces left out, or in the format of runs from before HD95 and the volume
+difference were computed: ``old_format``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from _reference import np_dsc
+from unet_jax import metrics
 from unet_jax.config import Config
 
 SIZE = 64
@@ -71,25 +73,36 @@ def per_patient_rows(pred: dict[str, np.ndarray]) -> list[dict]:
                 "recall": 0.8,
                 "true_pixels": int(t.sum()),
                 "pred_pixels": int(p.sum()),
+                # The fabricated values of the newer columns (the metric itself is tested in
+                # test_metrics.py against independent computations).
+                "hd95_lcc": metrics.hd95(p, t),
+                "avd_lcc": abs(int(p.sum()) - int(t.sum())),
+                "ravd_lcc": abs(int(p.sum()) - int(t.sum())) / int(t.sum()),
             }
         )
     return rows
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    columns = [
-        "patient",
-        "slices",
-        "dsc",
-        "dsc_lcc",
-        "accuracy",
-        "precision",
-        "recall",
-        "true_pixels",
-        "pred_pixels",
-    ]
+#: The columns of ``per_patient.csv`` as runs wrote it before HD95 and the volume difference.
+OLD_COLUMNS = [
+    "patient",
+    "slices",
+    "dsc",
+    "dsc_lcc",
+    "accuracy",
+    "precision",
+    "recall",
+    "true_pixels",
+    "pred_pixels",
+]
+#: The columns as training writes them now (the fabricated rows have no Dice loss).
+COLUMNS = OLD_COLUMNS[:4] + ["hd95_lcc", "avd_lcc", "ravd_lcc"] + OLD_COLUMNS[4:]
+
+
+def write_csv(path: Path, rows: list[dict], old_format: bool = False) -> None:
+    columns = OLD_COLUMNS if old_format else COLUMNS
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -100,6 +113,7 @@ def metrics_lines(
     steps_per_epoch: int = 10,
     with_eval: bool = True,
     with_summary: bool = True,
+    old_format: bool = False,
 ) -> list[dict]:
     lines = []
     best = -1.0
@@ -131,6 +145,16 @@ def metrics_lines(
                     "best": dsc > best,
                 }
             )
+            if not old_format:
+                lines[-1].update(
+                    val_hd95=float(8 - e),
+                    val_hd95_median=float(6 - e),
+                    val_hd95_undefined=0,
+                    val_avd=float(300 - 50 * e),
+                    val_avd_median=float(200 - 40 * e),
+                    val_ravd=0.4 - 0.1 * e,
+                    val_patients=3,
+                )
             best = max(best, dsc)
     if with_summary:
         lines.append({"type": "summary", "best_val_dsc": best, "wall_s": 12.5})
@@ -145,13 +169,18 @@ def make_workdir(
     config: Config | None = None,
     dsc_offsets: tuple[float, ...] | None = None,
     with_predictions: bool = True,
+    old_format: bool = False,
 ) -> Path:
-    """A run workdir with every file training writes (or fewer, as asked)."""
+    """A run workdir with every file training writes (or fewer, as asked; ``old_format``: no
+    HD95 or volume difference in ``per_patient.csv`` and the log, as older runs wrote them)."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps((config or Config(name="test")).to_dict()))
     with open(root / "metrics.jsonl", "w") as f:
-        for line in metrics_lines(rng, with_eval=with_eval, with_summary=with_eval):
+        lines = metrics_lines(
+            rng, with_eval=with_eval, with_summary=with_eval, old_format=old_format
+        )
+        for line in lines:
             f.write(json.dumps(line) + "\n")
     if with_eval:
         pred = predictions(rng)
@@ -161,7 +190,7 @@ def make_workdir(
         if dsc_offsets is not None:
             for row, off in zip(rows, dsc_offsets):
                 row["dsc_lcc"] = min(1.0, row["dsc_lcc"] + off)
-        write_csv(root / "per_patient.csv", rows)
+        write_csv(root / "per_patient.csv", rows, old_format=old_format)
     return root
 
 

@@ -156,3 +156,53 @@ def test_compare_runs_shows_the_seed_spread_of_repeated_settings(tmp_path: Path)
         assert float(cells[2]) == pytest.approx(np.mean(means), abs=6e-5)
         assert float(cells[3]) == pytest.approx(np.std(means, ddof=1), abs=6e-5)
     assert compare.seed_groups({"a": rundir.load_run(dirs["run1/seed0"])}) == {}
+
+
+def test_compare_runs_shows_hd95_beside_dsc_and_tolerates_old_runs(tmp_path: Path):
+    # A run of the current format beside one from before HD95 was computed: the first has its
+    # HD95 and AVD from per_patient.csv, the old one n/a, and the comparison still renders.
+    base = Config(name="base", split="fold", num_folds=2)
+    dirs = {
+        "new": make_workdir(tmp_path / "new", seed=0, config=base.replace(fold=0)),
+        "old": make_workdir(tmp_path / "old", seed=1, config=base.replace(fold=1), old_format=True),
+    }
+    rows = rundir.read_per_patient(dirs["old"] / "per_patient.csv")
+    for row in rows:
+        row["patient"] += "_old"  # distinct patients, as folds have
+    write_csv(dirs["old"] / "per_patient.csv", rows, old_format=True)
+    text = compare.compare_runs(tmp_path, dirs, "mixed").read_text()
+    table = _table_rows(text)
+    header = next(line for line in text.splitlines() if line.startswith("| run "))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns.index("mean HD95") == columns.index("min DSC") + 1
+    with open(dirs["new"] / "per_patient.csv") as f:
+        new_rows = list(csv.DictReader(f))
+    hd95 = [float(r["hd95_lcc"]) for r in new_rows]
+    avd = [float(r["avd_lcc"]) for r in new_rows]
+    cells = table["new"]
+    assert float(cells[columns.index("mean HD95")]) == pytest.approx(np.mean(hd95), abs=6e-5)
+    assert float(cells[columns.index("median HD95")]) == pytest.approx(np.median(hd95), abs=6e-5)
+    assert float(cells[columns.index("mean AVD")]) == pytest.approx(np.mean(avd), abs=6e-5)
+    for column in ("mean HD95", "median HD95", "mean AVD"):
+        assert table["old"][columns.index(column)] == "n/a"
+    assert float(table["old"][columns.index("mean DSC")]) > 0
+    m = re.search(
+        r"HD95 after LCC \(voxels\): mean \*\*([0-9.]+)\*\*, median \*\*([0-9.]+)\*\* over the "
+        r"(\d+) of (\d+) patients",
+        text,
+    )
+    assert m, text
+    assert float(m.group(1)) == pytest.approx(np.mean(hd95), abs=6e-5)
+    assert (int(m.group(3)), int(m.group(4))) == (3, 6)
+
+
+def test_run_summary_falls_back_to_the_logged_hd95(tmp_path: Path):
+    workdir = make_workdir(tmp_path / "run", with_predictions=False)
+    (workdir / "per_patient.csv").unlink()
+    s = compare.run_summary(rundir.load_run(workdir, predictions=False))
+    best = rundir.load_run(workdir, predictions=False).best_eval()
+    assert s["mean_hd95"] == best["val_hd95"] and s["median_hd95"] == best["val_hd95_median"]
+    assert s["hd95_defined"] == 3 and s["mean_avd"] == best["val_avd"]
+    old = make_workdir(tmp_path / "old", with_predictions=False, old_format=True)
+    s = compare.run_summary(rundir.load_run(old, predictions=False))
+    assert s["mean_hd95"] is None and s["mean_avd"] is None and s["hd95_defined"] is None

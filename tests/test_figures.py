@@ -30,3 +30,14 @@ def test_moving_average_matches_direct_computation():
     got = figures.moving_average(x, 5)
     want = [x[max(0, i - 4) : i + 1].mean() for i in range(len(x))]
     np.testing.assert_allclose(got, want)
+
+
+def test_unbounded_patient_bars_skip_undefined_values(tmp_path: Path):
+    # HD95 in voxels: not in [0, 1], and NaN where undefined (drawn as "n/a", no bar).
+    values = [3.0, np.nan, 12.5, 7.0]
+    drawn = figures.plot_patient_bars(
+        list("abcd"), values, tmp_path / "hd95.png", ylabel="HD95", title="t", unit_range=False
+    )
+    assert drawn["mean"] == pytest.approx(np.mean([3.0, 12.5, 7.0]), abs=1e-12)
+    assert drawn["median"] == pytest.approx(7.0, abs=1e-12)
+    assert (tmp_path / "hd95.png").is_file()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,7 @@ def test_report_links_every_figure(full_report: Path):
         "train_loss.png",
         "validation.png",
         "per_patient_dsc.png",
+        "per_patient_hd95.png",
         "per_patient_accuracy.png",
         "overlay_best.png",
         "overlay_worst.png",
@@ -103,3 +106,81 @@ def test_empty_or_absent_workdir(tmp_path: Path, capsys):
     assert "config.json missing" in text and "metrics.jsonl missing" in text
     assert report_cli.main(["--workdir", str(empty)]) == 2
     assert "holds no run" in capsys.readouterr().err
+
+
+def _md_table(text: str, first_column: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header starts with ``first_column``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_column} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def test_per_patient_table_shows_hd95_beside_dsc(full_report: Path):
+    text = full_report.read_text()
+    table = _md_table(text, "patient")
+    with open(full_report.parent / "per_patient.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert list(table[0])[:7] == [
+        "patient",
+        "slices",
+        "dsc",
+        "dsc_lcc",
+        "hd95_lcc",
+        "avd_lcc",
+        "ravd_lcc",
+    ]
+    for got, want in zip(table, csv_rows):
+        assert got["patient"] == want["patient"]
+        assert float(got["hd95_lcc"]) == pytest.approx(float(want["hd95_lcc"]), abs=6e-5)
+        assert int(got["avd_lcc"]) == int(want["avd_lcc"])
+    assert "`hd95_lcc`: symmetric 95th-percentile Hausdorff distance" in text
+    assert "voxel units" in text
+    summary = {r["quantity"]: r["value"] for r in _md_table(text, "quantity")}
+    hd95 = [float(r["hd95_lcc"]) for r in csv_rows]
+    key = next(k for k in summary if k.startswith("per_patient.csv: patients with HD95"))
+    defined, mean, median = summary[key].split(" / ")
+    assert defined == "3 of 3"
+    assert float(mean) == pytest.approx(np.mean(hd95), abs=6e-5)
+    assert float(median) == pytest.approx(np.median(hd95), abs=6e-5)
+    best = next(k for k in summary if k.startswith("best: mean / median per-patient HD95"))
+    assert "undefined for 0 patient(s)" in best
+
+
+def test_undefined_hd95_is_shown_as_na_and_left_out_of_the_mean(tmp_path: Path):
+    workdir = make_workdir(tmp_path / "run", with_predictions=False)
+    rows = rundir.read_per_patient(workdir / "per_patient.csv")
+    rows[1]["hd95_lcc"] = math.nan  # e.g. the LCC prediction was empty
+    rundir.write_per_patient_csv(rows, workdir / "per_patient.csv")
+    text = report.write_report(workdir).read_text()
+    table = {r["patient"]: r for r in _md_table(text, "patient")}
+    assert table[PATIENTS[1]]["hd95_lcc"] == "n/a"
+    summary = {r["quantity"]: r["value"] for r in _md_table(text, "quantity")}
+    key = next(k for k in summary if k.startswith("per_patient.csv: patients with HD95"))
+    defined, mean, _ = summary[key].split(" / ")
+    assert defined == "2 of 3"
+    assert float(mean) == pytest.approx(
+        np.mean([rows[0]["hd95_lcc"], rows[2]["hd95_lcc"]]), abs=6e-5
+    )
+    assert (workdir / "report" / "per_patient_hd95.png").is_file()
+
+
+def test_old_run_without_distance_columns_still_renders(tmp_path: Path):
+    workdir = make_workdir(tmp_path / "run", old_format=True)
+    header = (workdir / "per_patient.csv").read_text().splitlines()[0]
+    assert "hd95" not in header  # the format of runs from before HD95
+    path = report.write_report(workdir)
+    text = path.read_text()
+    table = _md_table(text, "patient")
+    assert len(table) == 3 and float(table[0]["dsc_lcc"]) > 0
+    assert not any(c in table[0] for c in ("hd95_lcc", "avd_lcc", "ravd_lcc"))
+    assert "HD95" not in text and "Hausdorff" not in text
+    assert not (path.parent / "per_patient_hd95.png").exists()
+    assert (path.parent / "per_patient_dsc.png").is_file()
+    for link in md_links(text):
+        assert (path.parent / link).is_file()

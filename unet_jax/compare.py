@@ -2,8 +2,9 @@
 
 :func:`compare_runs` writes **``<parent>/report/comparison.md``** with ``comparison_dsc.png`` and
 ``comparison_curves.png`` (and, for cross-validation, ``pooled_dsc.png``): one table row per run
-with its headline numbers and the config fields that set it apart, linked to the run's own
-report when it has one.
+with its headline numbers (DSC, and beside it the 95th-percentile Hausdorff distance and the
+absolute volume difference where the run has them) and the config fields that set it apart,
+linked to the run's own report when it has one.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def run_summary(run: RunData) -> dict[str, Any]:
     """Headline numbers of one run for a comparison table.
 
     ``mean_dsc``/``median_dsc`` come from ``per_patient.csv`` (headline column) when present,
-    else from the best evaluation line.
+    else from the best evaluation line; so do ``mean_hd95``/``median_hd95`` (over the patients
+    where HD95 is defined; ``hd95_defined`` of them) and ``mean_avd`` (voxels), which are None
+    for a run from before they were computed.
     """
     best = run.best_eval()
     out: dict[str, Any] = {
@@ -53,6 +56,10 @@ def run_summary(run: RunData) -> dict[str, Any]:
         "mean_dsc": None,
         "median_dsc": None,
         "min_dsc": None,
+        "mean_hd95": None,
+        "median_hd95": None,
+        "hd95_defined": None,
+        "mean_avd": None,
         "patients": 0,
         "final_train_loss": None,
         "images_per_s": None,
@@ -68,6 +75,23 @@ def run_summary(run: RunData) -> dict[str, Any]:
             out["min_dsc"] = float(min(values))
     elif best is not None:
         out["mean_dsc"], out["median_dsc"] = best.get("val_dsc"), best.get("val_dsc_median")
+    hd95 = [r.get("hd95_lcc") for r in run.per_patient or []]
+    avd = [r.get("avd_lcc") for r in run.per_patient or []]
+    if any(is_finite_number(v) for v in hd95 + avd):
+        defined = [float(v) for v in hd95 if is_finite_number(v)]
+        out["hd95_defined"] = len(defined)
+        if defined:
+            out["mean_hd95"], out["median_hd95"] = mean_median(defined)
+        avd = [float(v) for v in avd if is_finite_number(v)]
+        if avd:
+            out["mean_avd"] = float(np.mean(avd))
+    elif best is not None and "val_hd95" in best:
+        out["mean_hd95"], out["median_hd95"] = best.get("val_hd95"), best.get("val_hd95_median")
+        undefined = best.get("val_hd95_undefined")
+        patients = best.get("val_patients")
+        if is_finite_number(undefined) and is_finite_number(patients):
+            out["hd95_defined"] = int(patients) - int(undefined)
+        out["mean_avd"] = best.get("val_avd")
     out["final_train_loss"], out["images_per_s"] = training_tail(run)
     return out
 
@@ -200,6 +224,9 @@ def compare_runs(
         "mean DSC",
         "median DSC",
         "min DSC",
+        "mean HD95",
+        "median HD95",
+        "mean AVD",
         "patients",
         "best-eval val_dsc",
         "best epoch",
@@ -222,6 +249,9 @@ def compare_runs(
                 s["mean_dsc"],
                 s["median_dsc"],
                 s["min_dsc"],
+                s["mean_hd95"],
+                s["median_hd95"],
+                s["mean_avd"],
                 s["patients"],
                 s["best_val_dsc"],
                 s["best_epoch"],
@@ -242,8 +272,11 @@ def compare_runs(
         "",
         "*mean/median/min DSC*: per-patient validation DSC after LCC of each run's best "
         f"checkpoint (from its {rundir.PER_PATIENT_FILE}); *best-eval val_dsc*: the same mean as "
-        "logged at evaluation; *differs*: config fields that differ from the most common value "
-        "across runs.",
+        "logged at evaluation; *mean/median HD95*: per-patient 95th-percentile Hausdorff "
+        "distance after LCC in voxel units (unscaled pixels and slices: the data carry no "
+        "spacing), over the patients where it is defined (n/a: a run from before it was "
+        "computed); *mean AVD*: per-patient absolute volume difference after LCC, voxels; "
+        "*differs*: config fields that differ from the most common value across runs.",
         "",
     ]
     lines += md_table(header, rows) + [""]
@@ -277,6 +310,15 @@ def compare_runs(
             f"(column `{key}`).",
             "",
         ]
+        hd95 = [r.get("hd95_lcc", np.nan) for r in pooled]
+        defined = sum(is_finite_number(v) for v in hd95)
+        if defined:
+            hd_mean, hd_median = mean_median(hd95)
+            lines += [
+                f"HD95 after LCC (voxels): mean **{fmt(hd_mean)}**, median **{fmt(hd_median)}** "
+                f"over the {defined} of {len(pooled)} patients where it is defined.",
+                "",
+            ]
         if duplicates:
             shown = ", ".join(duplicates[:10]) + (" ..." if len(duplicates) > 10 else "")
             lines += [

@@ -124,7 +124,13 @@ def plot_validation(
                 alpha=0.6,
                 label="training loss (moving average)",
             )
-    ax_loss.plot(epochs, series("val_loss"), "o-", color="tab:red", label="validation loss")
+    ax_loss.plot(
+        epochs,
+        series("val_loss"),
+        "o-",
+        color="tab:red",
+        label="validation loss (training loss on validation batches sampled as in training)",
+    )
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("Validation loss and DSC per epoch")
     ax_loss.grid(alpha=0.3)
@@ -168,12 +174,16 @@ def plot_patient_bars(
     ylabel: str,
     title: str,
     zoom: bool = False,
+    unit_range: bool = True,
 ) -> dict[str, float]:
-    """Bar chart of one value per patient with the mean (red) and median (green) lines.
+    """Bar chart of one value per patient with the mean (red) and median (green) lines (both
+    over the finite values); an undefined (NaN) value is drawn as no bar, marked "n/a".
 
     Args:
       zoom: start the y axis just below the smallest value (for pixel accuracy, which is close
         to 1 for every patient) instead of at 0.
+      unit_range: a y axis from 0 to 1.05 (scores in [0, 1]); ``False`` for unbounded values
+        (distances, volumes): from 0 to a little above the largest finite value.
 
     Returns:
       ``{"mean": y, "median": y}`` read back from the drawn lines (so tests check the figure).
@@ -185,6 +195,8 @@ def plot_patient_bars(
     ax = fig.subplots()
     x = np.arange(n)
     ax.bar(x, np.nan_to_num(vals, nan=0.0), color="tab:blue", alpha=0.8)
+    for i in np.flatnonzero(~np.isfinite(vals)):
+        ax.text(i, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=7, color="gray")
     drawn: dict[str, float] = {}
     if math.isfinite(mean):
         ax.axhline(mean, color="red", lw=2, label=f"mean {mean:.4f}")
@@ -204,8 +216,11 @@ def plot_patient_bars(
     if zoom and finite.size:
         low = float(finite.min())
         ax.set_ylim(max(0.0, low - 0.3 * max(1.0 - low, 1e-3)), 1.0 + 0.02 * max(1.0 - low, 1e-3))
-    else:
+    elif unit_range:
         ax.set_ylim(0, 1.05)
+    else:
+        top = float(finite.max()) if finite.size else 0.0
+        ax.set_ylim(0, 1.05 * top if top > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
     return drawn

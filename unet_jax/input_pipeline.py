@@ -389,15 +389,37 @@ class ResidentData:
             images, masks, mean, std, jax.random.fold_in(aug_key, step), self.aug, train=True
         )
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.spec.steps_per_epoch
+
+    def _eval_indices(self, b: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+        bs = self.spec.batch_size
+        pos = jnp.asarray(b) * bs + jnp.arange(bs)
+        valid = pos < self.data.num_examples
+        return jnp.where(valid, pos, 0).astype(jnp.int32), valid
+
+    def eval_masks(self, b: int | jax.Array, arrays: dict | None = None) -> jax.Array:
+        """The masks of :meth:`eval_batch` ``b`` at the stored size (float, N x H x W x 1)."""
+        arrays = self.arrays if arrays is None else arrays
+        idx, _ = self._eval_indices(b)
+        return self._gather(arrays, idx)[1].astype(jnp.float32)
+
+    def sampled_batch(
+        self, key: jax.Array, i: int | jax.Array, arrays: dict | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Batch ``i`` drawn by the training sampler from ``key``, prepared without
+        augmentation (at the model's size): the validation loss's batches."""
+        arrays = self.arrays if arrays is None else arrays
+        images, masks, mean, std = self._gather(arrays, self.indices(key, i, arrays))
+        return prepare_batch(images, masks, mean, std, key, self.aug, train=False)
+
     def eval_batch(
         self, b: int | jax.Array, arrays: dict | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Batch ``b`` of all slices in order, padded at the end; returns (images, masks, valid)."""
         arrays = self.arrays if arrays is None else arrays
-        bs = self.spec.batch_size
-        pos = jnp.asarray(b) * bs + jnp.arange(bs)
-        valid = pos < self.data.num_examples
-        idx = jnp.where(valid, pos, 0).astype(jnp.int32)
+        idx, valid = self._eval_indices(b)
         images, masks, mean, std = self._gather(arrays, idx)
         x, y = prepare_batch(images, masks, mean, std, jax.random.key(0), self.aug, train=False)
         return x, y, jax.lax.with_sharding_constraint(valid, batch_sharded(self.mesh))

@@ -1,5 +1,6 @@
 """Segmentation metrics: DSC, pixel accuracy, precision, recall, and per-volume DSC with the
-baseline's largest-3D-connected-component post-processing.
+baseline's largest-3D-connected-component post-processing; the 95th-percentile Hausdorff
+distance (:func:`hd95`) and the absolute volume difference of a volume.
 
 Conventions (documented, used everywhere in the project):
 
@@ -10,9 +11,15 @@ Conventions (documented, used everywhere in the project):
   predicted pixels) or recall (no true pixels) is 1.0 when its denominator is 0.
 * Connected components use 3D face connectivity (``scipy.ndimage.label``'s default structure),
   as the baseline does, over a volume's slices in order.
+* Distances (:func:`hd95`) are in **voxel units**: the slice TIFFs carry no pixel spacing or
+  slice thickness, so one unit is one in-plane pixel (at the size the metric is computed at) or
+  one slice step, with no anisotropy correction. Volumes (:func:`abs_volume_difference`) are in
+  voxels.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from scipy import ndimage
@@ -104,20 +111,117 @@ def largest_connected_component(volume: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def _bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every True voxel of the masks; None if
+    they are all empty."""
+    union = masks[0].copy()
+    for m in masks[1:]:
+        union |= m
+    box = []
+    for axis in range(union.ndim):
+        others = tuple(a for a in range(union.ndim) if a != axis)
+        hit = np.flatnonzero(union.any(axis=others))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """The surface voxels of a binary 3D mask: voxels of the mask with at least one of their 6
+    face neighbours outside it, where beyond the array's edge counts as outside (so a lesion
+    touching the first or last slice has a surface there). ``mask & ~binary_erosion(mask)`` with
+    a 6-connected structure and ``border_value=0``, as MedPy defines it."""
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 3:
+        raise ValueError(f"surface needs a 3D mask, got shape {mask.shape}")
+    padded = np.pad(mask, 1)
+    core = (slice(1, -1),) * 3
+    interior = mask.copy()
+    for axis in range(3):
+        for step in (-1, 1):
+            shifted = list(core)
+            shifted[axis] = slice(1 + step, padded.shape[axis] - 1 + step)
+            interior &= padded[tuple(shifted)]
+    return mask & ~interior
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
+    """The symmetric 95th-percentile Hausdorff distance of two binary 3D volumes (slices, H, W),
+    in voxel units (unit spacing on every axis: the data carry no spacing).
+
+    Definition (MedPy's ``hd95``): the surface voxels of each mask (:func:`surface`); for every
+    surface voxel of one mask, the Euclidean distance to the nearest surface voxel of the other,
+    in both directions; the 95th percentile of the **pooled** distances of both directions with
+    numpy's default (``method="linear"``) percentile. MONAI's ``compute_hausdorff_distance`` with
+    ``percentile=95`` takes the larger of the two directed 95th percentiles instead, so its
+    numbers can be larger; papers on this data differ, so compare like with like.
+
+    Empty masks: both empty -> ``0.0`` (a perfect answer for a lesion-free volume, like DSC 1);
+    exactly one empty -> ``NaN`` (undefined: there is no surface to measure to; summaries
+    average over the defined cases and count the undefined ones).
+
+    Computed with :func:`scipy.ndimage.distance_transform_edt` on the bounding box of both
+    masks only, which is exact: every surface voxel of either mask lies in the box, the exact
+    Euclidean transform does not depend on the room around them, and a neighbour beyond the box
+    is background whether it is in the volume or beyond its edge. Small lesions in a large
+    volume cost little.
+    """
+    pred = np.asarray(pred, bool)
+    truth = np.asarray(truth, bool)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
+    if pred.ndim != 3:
+        raise ValueError(f"hd95 needs 3D volumes (slices, H, W), got shape {pred.shape}")
+    has_pred, has_truth = bool(pred.any()), bool(truth.any())
+    if not (has_pred or has_truth):
+        return 0.0
+    if not (has_pred and has_truth):
+        return math.nan
+    box = _bounding_box(pred, truth)
+    surf_p = surface(pred[box])
+    surf_t = surface(truth[box])
+    # distance_transform_edt gives each voxel's distance to the nearest zero voxel.
+    to_truth = ndimage.distance_transform_edt(~surf_t)[surf_p]
+    to_pred = ndimage.distance_transform_edt(~surf_p)[surf_t]
+    return float(np.percentile(np.concatenate([to_truth, to_pred]), 95))
+
+
+def abs_volume_difference(pred: np.ndarray, truth: np.ndarray) -> int:
+    """``|predicted voxels - true voxels|`` (voxels; 0 when both are empty)."""
+    return abs(int(np.count_nonzero(pred)) - int(np.count_nonzero(truth)))
+
+
+def rel_abs_volume_difference(pred: np.ndarray, truth: np.ndarray) -> float:
+    """``|predicted voxels - true voxels| / true voxels`` (a fraction; NaN when the truth is
+    empty). Unsigned, unlike MedPy's ``ravd``."""
+    true_voxels = int(np.count_nonzero(truth))
+    if true_voxels == 0:
+        return math.nan
+    return abs_volume_difference(pred, truth) / true_voxels
+
+
 def volume_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """All metrics of one volume (slices, H, W[, 1]) from a binary prediction.
 
-    Returns ``dsc`` (raw), ``dsc_lcc`` (after keeping the largest 3D component), ``accuracy``,
-    ``precision``, ``recall`` (raw prediction) and pixel counts.
+    Returns ``dsc`` (raw), ``accuracy``, ``precision``, ``recall`` and pixel counts of the raw
+    prediction, and, after keeping the largest 3D component (the headline post-processing):
+    ``dsc_lcc``, ``hd95_lcc`` (:func:`hd95`, voxel units; NaN when exactly one of prediction
+    and truth is empty), ``avd_lcc`` (:func:`abs_volume_difference`, voxels) and ``ravd_lcc``
+    (:func:`rel_abs_volume_difference`; NaN for an empty truth).
     """
     pred = np.asarray(pred, bool)
     truth = np.asarray(truth, bool)
     if pred.ndim == 4:
         pred, truth = pred[..., 0], truth[..., 0]
     raw = counted_metrics(pred, truth)
+    lcc = largest_connected_component(pred)
     return {
         "slices": int(pred.shape[0]),
         "dsc": raw["dsc"],
-        "dsc_lcc": dsc(largest_connected_component(pred), truth),
+        "dsc_lcc": dsc(lcc, truth),
         **{k: raw[k] for k in ("accuracy", "precision", "recall", "true_pixels", "pred_pixels")},
+        "hd95_lcc": hd95(lcc, truth),
+        "avd_lcc": abs_volume_difference(lcc, truth),
+        "ravd_lcc": rel_abs_volume_difference(lcc, truth),
     }

@@ -45,8 +45,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Any, Literal
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
@@ -73,6 +75,7 @@ __all__ = [
     "preprocess_images",
     "standardise",
     "prepare_volume",
+    "resize_probabilities",
     "restore_prediction",
 ]
 
@@ -296,6 +299,21 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
         out[:, iy < 0] = 0
         out[:, :, ix < 0] = 0
     return out
+
+
+def resize_probabilities(probs: Any, size: int | tuple[int, int]) -> jax.Array:
+    """Bilinear resize of ``(Z, h, w[, K])`` probabilities (or logits) to ``(Z, size, size[,
+    K])``, or to ``(Z, height, width[, K])`` for ``size=(height, width)``: how a prediction at
+    the model's size is brought to the stored (or original) size before it is thresholded,
+    instead of repeating binary pixels. Antialiased when it shrinks (as the images are);
+    half-pixel centres (``jax.image.resize``). Pure jax: runs inside ``jit`` and on host arrays.
+    """
+    out_h, out_w = (size, size) if np.ndim(size) == 0 else size
+    probs = jnp.asarray(probs, jnp.float32)
+    if probs.shape[1:3] == (out_h, out_w):
+        return probs
+    shape = (probs.shape[0], out_h, out_w, *probs.shape[3:])
+    return jax.image.resize(probs, shape, "linear", antialias=True)
 
 
 def rescale_percentiles(
@@ -532,24 +550,29 @@ def prepare_volume(
     )
 
 
-def restore_prediction(prediction: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+def restore_prediction(
+    prediction: np.ndarray,
+    geometry: VolumeGeometry,
+    method: Literal["nearest", "linear"] = "nearest",
+) -> np.ndarray:
     """Map a prediction on the stored slices back onto the original volume (the inverse of
     :func:`prepare_volume`'s geometry).
 
     Each predicted slice covers a stored slice's field of view (the padded crop), at the stored
     size or at the model's (the model sees the stored slices resized): it is resized to the
-    padded crop by nearest neighbour (the order-0 rule of the mask resize, as
-    :func:`resize_masks`), the padding is removed, and the result is placed in the crop box;
-    pixels outside the crop box and slices outside ``z_range`` (the dropped ends, empty
-    slices) are 0.
+    padded crop, the padding is removed, and the result is placed in the crop box; pixels
+    outside the crop box and slices outside ``z_range`` (the dropped ends, empty slices) are 0.
+    ``method="linear"`` resizes probabilities bilinearly (:func:`resize_probabilities`; the
+    caller thresholds the result: what ``unet_jax.predict`` does); ``"nearest"`` repeats pixels
+    (the order-0 rule of the mask resize, as :func:`resize_masks`; for binary masks).
 
     Args:
-      prediction: ``(Z, h, w)`` or ``(Z, h, w, K)`` (any dtype, e.g. a binary mask or
-        probabilities), ``Z == geometry.num_kept``.
+      prediction: ``(Z, h, w)`` or ``(Z, h, w, K)`` (any dtype for ``nearest``, e.g. a binary
+        mask; probabilities for ``linear``), ``Z == geometry.num_kept``.
       geometry: from :func:`prepare_volume` (or :func:`baseline_geometry`).
 
     Returns:
-      ``(num_slices, H, W[, K])`` in the dtype of ``prediction``.
+      ``(num_slices, H, W[, K])``: the dtype of ``prediction`` (``nearest``) or float32.
     """
     prediction = np.asarray(prediction)
     if prediction.ndim < 3 or prediction.shape[0] != geometry.num_kept:
@@ -557,16 +580,23 @@ def restore_prediction(prediction: np.ndarray, geometry: VolumeGeometry) -> np.n
             f"prediction has shape {prediction.shape}, expected ({geometry.num_kept}, h, w)[+(K,)]"
         )
     side_y, side_x = geometry.padded_shape
+    top, bottom, left, right = geometry.padding
+    y0, y1, x0, x1 = geometry.crop_box
+    h, w = geometry.in_shape
+    z0, z1 = geometry.z_range
+    if method == "linear":
+        full = np.asarray(resize_probabilities(prediction, (side_y, side_x)))
+        out = np.zeros((geometry.num_slices, h, w) + prediction.shape[3:], np.float32)
+        out[z0:z1, y0:y1, x0:x1] = full[:, top : side_y - bottom, left : side_x - right]
+        return out
+    if method != "nearest":
+        raise ValueError(f"unknown method {method!r}; valid: nearest, linear")
     iy = nearest_indices(prediction.shape[1], side_y)
     ix = nearest_indices(prediction.shape[2], side_x)
     if (iy < 0).any() or (ix < 0).any():  # cannot happen for a resize within the grid
         raise ValueError("nearest-neighbour mapping fell outside the prediction")
-    top, bottom, left, right = geometry.padding
-    y0, y1, x0, x1 = geometry.crop_box
     # Gather only the rows and columns inside the padding, not the whole padded crop.
     crop = prediction[:, iy[top : side_y - bottom]][:, :, ix[left : side_x - right]]
-    h, w = geometry.in_shape
     out = np.zeros((geometry.num_slices, h, w) + prediction.shape[3:], prediction.dtype)
-    z0, z1 = geometry.z_range
     out[z0:z1, y0:y1, x0:x1] = crop
     return out

@@ -3,8 +3,13 @@
 :func:`write_report` reads the run folder through :mod:`unet_jax.rundir` and writes
 **``<workdir>/report/``**: ``report.md`` (summary numbers, the full config table, links to every
 figure), the PNG figures (``train_loss.png``, ``validation.png``, ``per_patient_dsc.png``,
-``per_patient_accuracy.png``, ``overlay_best.png``, ``overlay_worst.png``), ``volume.gif`` (an
-overlay per slice through one validation volume) and a copy of ``per_patient.csv``.
+``per_patient_hd95.png``, ``per_patient_accuracy.png``, ``overlay_best.png``,
+``overlay_worst.png``), ``volume.gif`` (an overlay per slice through one validation volume) and
+a copy of ``per_patient.csv``.
+
+The 95th-percentile Hausdorff distance and the volume differences (``hd95_lcc``, ``avd_lcc``,
+``ravd_lcc``: :func:`unet_jax.metrics.volume_metrics`) are shown beside DSC where the run has
+them; runs written before they existed have no such columns, and their reports leave them out.
 
 Pieces that are missing (a run still before its first evaluation, a crashed run without
 predictions) are skipped with a plain message in the report instead of an exception; the messages
@@ -41,8 +46,10 @@ from unet_jax.rundir import RunData, headline_key, is_finite_number
 __all__ = [
     "REPORT_FILE",
     "best_worst_patients",
+    "defined_count",
     "fmt",
     "md_table",
+    "table_columns",
     "training_tail",
     "typical_patient",
     "write_report",
@@ -53,6 +60,18 @@ __all__ = [
 REPORT_FILE = "report.md"
 #: Columns of the per-patient table in the report.
 _TABLE_COLUMNS = [c for c in rundir.PER_PATIENT_FIELDS if c != "dice_loss"]
+#: Per-patient columns that older runs lack: shown only when some row has a value.
+OPTIONAL_COLUMNS = ("hd95_lcc", "avd_lcc", "ravd_lcc")
+#: What the surface and volume columns mean, for the reports.
+DISTANCE_NOTE = (
+    "`hd95_lcc`: symmetric 95th-percentile Hausdorff distance between the surfaces (voxels "
+    "with a face neighbour outside the mask) of the prediction after LCC and of the truth, "
+    "pooled over both directions (numpy's linear-interpolation percentile, as MedPy's hd95), "
+    "in voxel units: pixels of the stored slices and slice steps, unscaled (the data carry no "
+    "spacing); 0 when both are empty, undefined (n/a) when exactly one is. "
+    "`avd_lcc`: |predicted - true| voxels after LCC; `ravd_lcc`: `avd_lcc` / true voxels (n/a "
+    "for an empty truth)."
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +107,21 @@ def typical_patient(
         return None
     _, median = mean_median([r[key] for r in scored])
     return min(scored, key=lambda r: abs(r[key] - median))["patient"]
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-patient table's columns: every column of ``per_patient.csv`` but the Dice loss,
+    less the :data:`OPTIONAL_COLUMNS` no row has a value for (a run from before they existed)."""
+    return [
+        c
+        for c in _TABLE_COLUMNS
+        if c not in OPTIONAL_COLUMNS or any(is_finite_number(r.get(c)) for r in rows)
+    ]
+
+
+def defined_count(rows: Sequence[Mapping[str, Any]], key: str) -> int:
+    """How many rows have a finite ``key``."""
+    return sum(is_finite_number(r.get(key)) for r in rows)
 
 
 def training_tail(run: RunData) -> tuple[float | None, float | None]:
@@ -142,6 +176,24 @@ def _summary_rows(run: RunData) -> list[tuple[str, Any]]:
             ("best: epoch / step", f"{best.get('epoch', 'n/a')} / {best.get('step', 'n/a')}"),
             ("best: median per-patient DSC", best.get("val_dsc_median")),
             ("best: mean per-patient DSC without LCC", best.get("val_dsc_raw")),
+        ]
+        if "val_hd95" in best:
+            rows += [
+                (
+                    "best: mean / median per-patient HD95 after LCC (voxels; undefined for "
+                    f"{fmt(best.get('val_hd95_undefined'))} patient(s))",
+                    f"{fmt(best.get('val_hd95'))} / {fmt(best.get('val_hd95_median'))}",
+                )
+            ]
+        if "val_avd" in best:
+            rows += [
+                (
+                    "best: mean / median per-patient absolute volume difference after LCC (voxels)",
+                    f"{fmt(best.get('val_avd'))} / {fmt(best.get('val_avd_median'))}",
+                ),
+                ("best: mean per-patient relative volume difference", best.get("val_ravd")),
+            ]
+        rows += [
             ("best: mean per-patient pixel accuracy", best.get("val_accuracy")),
             ("best: validation loss", best.get("val_loss")),
         ]
@@ -172,6 +224,16 @@ def _summary_rows(run: RunData) -> list[tuple[str, Any]]:
                 f"{len(run.per_patient)} / {fmt(mean)} / {fmt(median)}",
             )
         ]
+        defined = defined_count(run.per_patient, "hd95_lcc")
+        if defined:
+            mean, median = mean_median([r.get("hd95_lcc", math.nan) for r in run.per_patient])
+            rows.append(
+                (
+                    f"{rundir.PER_PATIENT_FILE}: patients with HD95 defined / mean hd95_lcc / "
+                    "median hd95_lcc (voxels)",
+                    f"{defined} of {len(run.per_patient)} / {fmt(mean)} / {fmt(median)}",
+                )
+            )
     if run.summary:
         for key, value in run.summary.items():
             if key != "type":
@@ -247,6 +309,18 @@ def write_run_report(
             title="Per-patient validation DSC (best checkpoint)",
         )
         figures.append(("Per-patient validation DSC", "per_patient_dsc.png"))
+        if defined_count(rows, "hd95_lcc"):
+            plot_patient_bars(
+                names,
+                [r.get("hd95_lcc", math.nan) for r in rows],
+                out / "per_patient_hd95.png",
+                ylabel="HD95 after LCC (voxels)",
+                title="Per-patient validation HD95 (best checkpoint; n/a: undefined)",
+                unit_range=False,
+            )
+            figures.append(
+                ("Per-patient validation HD95 (lower is better)", "per_patient_hd95.png")
+            )
         if any(is_finite_number(r.get("accuracy")) for r in rows):
             plot_patient_bars(
                 names,
@@ -257,9 +331,8 @@ def write_run_report(
                 title="Per-patient validation pixel accuracy (y axis zoomed)",
             )
             figures.append(("Per-patient validation pixel accuracy", "per_patient_accuracy.png"))
-        per_patient_lines = md_table(
-            _TABLE_COLUMNS, [[r.get(c) for c in _TABLE_COLUMNS] for r in rows]
-        )
+        columns = table_columns(rows)
+        per_patient_lines = md_table(columns, [[r.get(c) for c in columns] for r in rows])
         if run.per_patient_csv.is_file():
             # A copy next to the report, so the report folder stands alone.
             shutil.copyfile(run.per_patient_csv, out / rundir.PER_PATIENT_FILE)
@@ -335,6 +408,8 @@ def write_run_report(
             "component (the baseline's metric).",
             "",
         ]
+        if any(c in table_columns(run.per_patient or []) for c in OPTIONAL_COLUMNS):
+            lines += [DISTANCE_NOTE, ""]
         lines += per_patient_lines + [""]
     if run.config is not None:
         lines += [

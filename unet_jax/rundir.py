@@ -101,12 +101,19 @@ REPORT_DIRNAME = "report"
 #: Files whose presence marks a folder as a run workdir.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, PER_PATIENT_FILE, PREDICTIONS_FILE)
 
-#: Columns of ``per_patient.csv``, in order.
+#: Columns of ``per_patient.csv``, in order. ``hd95_lcc`` (95th-percentile Hausdorff distance,
+#: voxel units, ``nan`` when exactly one of prediction and truth is empty), ``avd_lcc``
+#: (absolute volume difference, voxels) and ``ravd_lcc`` (``avd_lcc`` / true voxels, ``nan``
+#: for an empty truth) are of the prediction after the largest component
+#: (:func:`unet_jax.metrics.volume_metrics`); files of older runs lack them (read as NaN).
 PER_PATIENT_FIELDS = [
     "patient",
     "slices",
     "dsc",
     "dsc_lcc",
+    "hd95_lcc",
+    "avd_lcc",
+    "ravd_lcc",
     "accuracy",
     "precision",
     "recall",
@@ -115,8 +122,8 @@ PER_PATIENT_FIELDS = [
     "dice_loss",
 ]
 #: Columns read back from ``per_patient.csv`` as integers / floats (the rest is text or ignored).
-INT_COLUMNS = ("slices", "true_pixels", "pred_pixels")
-FLOAT_COLUMNS = ("dsc", "dsc_lcc", "accuracy", "precision", "recall")
+INT_COLUMNS = ("slices", "true_pixels", "pred_pixels", "avd_lcc")
+FLOAT_COLUMNS = ("dsc", "dsc_lcc", "hd95_lcc", "ravd_lcc", "accuracy", "precision", "recall")
 #: Arrays of ``predictions.npz``.
 PREDICTION_KEYS = ("image", "truth", "pred", "patient", "slice_index")
 

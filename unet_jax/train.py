@@ -412,7 +412,10 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
     if progress is None:
         progress = os.isatty(2)
     # One evaluation program for all runs (their eval graphs are the same).
-    predict_step = evaluate.make_predict_step(trainers[0].apply_eval, val, config.threshold)
+    eval_steps = (
+        evaluate.make_predict_step(trainers[0].apply_eval, val, config.threshold),
+        evaluate.make_loss_step(trainers[0].apply_eval, trainers[0].loss_fn, val),
+    )
     truth = evaluate.eval_truth(val)
     runs: list[_Run] = []
     try:
@@ -421,7 +424,7 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
         # Signals become stop requests once there is training to save (before, they stop
         # the data build or the setup at once, which loses nothing).
         with _StopRequests() as stop:
-            _train_loop(runs, stepper, streaming, predict_step, total_steps, stop)
+            _train_loop(runs, stepper, streaming, eval_steps, total_steps, stop)
     except BaseException:
         _for_each(runs, _Run.close)  # the first error is the one that propagates
         raise
@@ -477,7 +480,7 @@ class _Run:
         self.callbacks = EpochCallbacks(on_epoch_end, self.save)
         self.dispatch_s = 0.0  # main-thread time spent starting evaluations
 
-    def end_epoch(self, done: int, total_steps: int, predict_step: Callable) -> None:
+    def end_epoch(self, done: int, total_steps: int, eval_steps: tuple[Callable, Callable]) -> None:
         """After the steps up to ``done``: log the losses (raising on a non-finite one), then
         start the evaluation and checkpoint of an evaluated epoch in the background."""
         config = self.config
@@ -492,7 +495,10 @@ class _Run:
             t0, compile_before = time.perf_counter(), compile_seconds()
             state = self.trainer.snapshot()
             dispatched = evaluate.dispatch_predictions(
-                predict_step, (state["params"], state["batch_stats"]), self.epoch_end.val
+                eval_steps[0],
+                (state["params"], state["batch_stats"]),
+                self.epoch_end.val,
+                eval_steps[1],
             )
             self.background.submit(self.epoch_end, done, epoch, state, dispatched)
             # The first evaluation compiles its program: that counts as compile time.
@@ -574,7 +580,7 @@ def _train_loop(
     runs: list[_Run],
     stepper: PackedTrainer | None,
     streaming: StreamingData | None,
-    predict_step: Callable,
+    eval_steps: tuple[Callable, Callable],
     total_steps: int,
     stop: _StopRequests,
 ) -> None:
@@ -635,7 +641,7 @@ def _train_loop(
                             run.save.latest(index + 1)
             step = done
             for run in runs:
-                run.end_epoch(done, total_steps, predict_step)
+                run.end_epoch(done, total_steps, eval_steps)
         for run in runs:
             run.finish(total_steps)
     except KeyboardInterrupt:
