@@ -24,7 +24,7 @@ import numpy as np
 
 from unet_jax import metrics, preprocess
 from unet_jax.input_pipeline import ResidentData, SplitData, replicated
-from unet_jax.tta import probabilities as tta_probabilities
+from unet_jax.tta import average_probabilities
 
 
 def make_predict_step(
@@ -32,14 +32,16 @@ def make_predict_step(
     data: ResidentData,
     threshold: float = 0.5,
     tta: bool = False,
+    ensemble: bool = False,
 ):
     """A jitted ``(variables, arrays, b) -> (pred, p*y, p, y sums, valid)`` for eval batch ``b``,
     at the data's stored resolution whatever the model's input size.
 
     ``apply_fn(variables, images)`` returns logits. The probabilities (averaged over the mirror
-    image with ``tta``: :mod:`unet_jax.tta`) are resized bilinearly from the model's size to the
-    stored size and thresholded there, and compared with the stored masks: the numbers are
-    those of the data at 256x256, as the literature measures them, whatever size trained.
+    image with ``tta``, and over the members with ``ensemble``, where ``variables`` is a list of
+    the members' variables: :mod:`unet_jax.tta`) are resized bilinearly from the model's size
+    to the stored size and thresholded there, and compared with the stored masks: the numbers
+    are those of the data at 256x256, as the literature measures them, whatever size trained.
     """
     logit_threshold = metrics.logit_threshold(threshold)
     stored = tuple(data.data.images.shape[1:3])
@@ -50,12 +52,13 @@ def make_predict_step(
     def step(variables, arrays, b):
         x, _, valid = data.eval_batch(b, arrays)
         y = data.eval_masks(b, arrays)  # at the stored size
-        if not tta and x.shape[1:3] == stored:
-            # At the stored size without TTA: threshold the logits (exactly sigmoid >= t).
+        if not tta and not ensemble and x.shape[1:3] == stored:
+            # One model at the stored size: threshold the logits (exactly sigmoid >= t).
             logits = apply_fn(variables, x)
             p, pred = jax.nn.sigmoid(logits), logits[..., 0] >= logit_threshold
         else:
-            p = tta_probabilities(partial(apply_fn, variables), x, tta)
+            members = variables if ensemble else [variables]
+            p = average_probabilities([partial(apply_fn, v) for v in members], x, tta)
             p = preprocess.resize_probabilities(p, stored)
             pred = p[..., 0] >= threshold
         axes = (1, 2, 3)

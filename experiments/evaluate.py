@@ -1,0 +1,157 @@
+"""Evaluate checkpoints on their validation patients, alone or as an ensemble, with or without
+test-time augmentation: ``python -m experiments.evaluate``.
+
+    python -m experiments.evaluate --checkpoint RUN [--checkpoint RUN2 ...] [--tta]
+                                   [--data_dir D] [--manual_dir M] [--out DIR]
+
+``RUN`` is a training workdir (its best checkpoint) or a checkpoint folder
+(:func:`unet_jax.checkpoint.load_model`). Several checkpoints are an ensemble: their
+probabilities are averaged (with ``--tta``, each over the image and its mirror image first), and
+they must agree on what shapes the inputs and the output (preprocessing, input size, channels,
+threshold), else the command stops naming the field. Metrics are those of training's
+evaluation: per patient at the stored 256x256 resolution, DSC after the largest 3D component
+(the headline), HD95, volume difference. The patients are the first checkpoint's validation
+split; members trained on some of them (the other folds of ``cv5``) make the number optimistic,
+which the command says: the out-of-fold numbers of ``cv5`` are the fair estimate, the ensemble
+is what a user runs on new data.
+
+Writes ``<out>/per_patient.csv`` and ``<out>/summary.json`` (default ``<first run>/evaluate``,
+``evaluate-tta``, ``evaluate-ensemble<N>[-tta]``) and prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from unet_jax.config import Config
+
+#: Config fields every member of an ensemble must share: they shape the inputs (preprocessing,
+#: size, channels) or the output (classes, threshold).
+AGREE = ("dataset_config", "image_size", "in_channels", "out_channels", "threshold")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        metavar="RUN",
+        help="training workdir or checkpoint folder (repeat for an ensemble)",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the best)")
+    parser.add_argument("--tta", action="store_true", help="average over the mirror image too")
+    parser.add_argument("--data_dir", help="TFDS data directory (default: the config's)")
+    parser.add_argument("--manual_dir", help="the Kaggle download, if the data is not built")
+    parser.add_argument("--out", help="output folder (default: <first RUN>/evaluate[...])")
+    return parser.parse_args(argv)
+
+
+def check_members(configs: dict[str, Config]) -> None:
+    """Raise ValueError (one line) unless every member agrees with the first on :data:`AGREE`."""
+    (first, base), *rest = configs.items()
+    for name, config in rest:
+        differ = [f"{k}: {getattr(base, k)!r} vs {getattr(config, k)!r}" for k in AGREE
+                  if getattr(base, k) != getattr(config, k)]  # fmt: skip
+        if differ:
+            raise ValueError(
+                f"{first} and {name} cannot be ensembled, their preprocessing differs "
+                f"({'; '.join(differ)})"
+            )
+
+
+def evaluate_checkpoints(
+    paths: list[str | Path],
+    *,
+    step: int | None = None,
+    tta: bool = False,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+) -> tuple[dict, list[dict], list[str]]:
+    """Per-patient metrics of one checkpoint or an ensemble; returns (summary, rows, notes)."""
+    from flax import nnx
+
+    from experiments.data import load_run_data
+    from unet_jax import evaluate
+    from unet_jax.checkpoint import load_model
+    from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
+
+    models, configs = [], {}
+    for path in paths:
+        model, config, _ = load_model(path, step=step)
+        models.append(model)
+        configs[str(path)] = config
+    check_members(configs)
+    config = next(iter(configs.values()))
+    notes = []
+    splits = {(c.split, c.fold, c.num_folds) for c in configs.values()}
+    if len(splits) > 1:
+        notes.append(
+            "members trained on different patients (e.g. folds): some trained on these "
+            "validation patients, so the ensemble's number is optimistic"
+        )
+    changes = {k: v for k, v in (("data_dir", data_dir), ("manual_dir", manual_dir)) if v}
+    first = Path(paths[0])
+    workdir = first if (first / "config.json").is_file() else first.parent
+    _, val_split = load_run_data(config.replace(**changes), workdir)
+    mesh = make_mesh()
+    size = None if config.image_size == val_split.images.shape[1] else config.image_size
+    val = ResidentData(
+        val_split, mesh, config.batch_size, config.sampling, AugmentSpec(0, 0, 0, size)
+    )
+    graphdef, *_ = nnx.split(models[0], nnx.Param, nnx.BatchStat)
+    variables = [nnx.split(m, nnx.Param, nnx.BatchStat)[1:] for m in models]
+
+    def apply_fn(v, x):
+        return nnx.merge(graphdef, *v, copy=True)(x)
+
+    ensemble = len(models) > 1
+    step_fn = evaluate.make_predict_step(apply_fn, val, config.threshold, tta, ensemble)
+    out = evaluate.predict_split(step_fn, variables if ensemble else variables[0], val)
+    rows = evaluate.per_volume(out["pred"], evaluate.eval_truth(val), val_split, out)
+    summary = evaluate.summarize(rows)
+    summary.update(checkpoints=[str(p) for p in paths], tta=tta, step=step)
+    return summary, rows, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from unet_jax import rundir
+    from unet_jax.checkpoint import CheckpointError
+
+    try:
+        summary, rows, notes = evaluate_checkpoints(
+            args.checkpoint,
+            step=args.step,
+            tta=args.tta,
+            data_dir=args.data_dir,
+            manual_dir=args.manual_dir,
+        )
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    n = len(args.checkpoint)
+    default = "evaluate" + (f"-ensemble{n}" if n > 1 else "") + ("-tta" if args.tta else "")
+    first = Path(args.checkpoint[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / default
+    out.mkdir(parents=True, exist_ok=True)
+    rundir.write_per_patient_csv(rows, out / rundir.PER_PATIENT_FILE)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for note in notes:
+        print(f"note: {note}")
+    print(
+        f"{len(rows)} patients, {'ensemble of ' + str(n) if n > 1 else 'one model'}"
+        f"{', TTA' if args.tta else ''}: mean DSC {summary['val_dsc']:.4f} "
+        f"(median {summary['val_dsc_median']:.4f}), mean HD95 {summary.get('val_hd95')} "
+        f"-> {out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

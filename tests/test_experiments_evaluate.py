@@ -1,0 +1,55 @@
+"""`python -m experiments.evaluate`: checkpoints alone and as ensembles, with and without TTA, on
+the smoke run (trained once per session, tests/conftest.py)."""
+
+import json
+
+import pytest
+
+from experiments.evaluate import check_members, main
+from unet_jax import rundir
+from unet_jax.config import Config
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_run_and_ensembles_and_tta_are_what_they_say(
+    smoke_workdir, tmp_path, capsys
+):
+    # The best checkpoint alone gives the run's own best evaluation (the same patients, the
+    # same metrics at the stored size); an ensemble of that checkpoint with itself averages two
+    # equal probabilities (the same masks, to float rounding at the threshold); TTA changes
+    # the prediction (the smoke model is not mirror-symmetric) and says so in its summary.
+    best = max(
+        (r for r in map(json.loads, (smoke_workdir / "metrics.jsonl").read_text().splitlines())
+         if r["type"] == "eval"),
+        key=lambda r: r["val_dsc"],
+    )  # fmt: skip
+    outs = {}
+    for name, extra in {
+        "one": [],
+        "pair": ["--checkpoint", str(smoke_workdir)],
+        "tta": ["--tta"],
+    }.items():
+        code = main(["--checkpoint", str(smoke_workdir), *extra, "--out", str(tmp_path / name)])
+        assert code == 0, capsys.readouterr().err
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        rows = rundir.read_per_patient(tmp_path / name / "per_patient.csv")
+        outs[name] = (summary, {r["patient"]: r for r in rows})
+    one, pair, tta = outs["one"], outs["pair"], outs["tta"]
+    assert one[0]["val_dsc"] == pytest.approx(best["val_dsc"], abs=1e-6)
+    assert one[0]["val_patients"] == best["val_patients"] and not one[0]["tta"]
+    assert pair[0]["val_dsc"] == pytest.approx(one[0]["val_dsc"], abs=2e-3)
+    assert tta[0]["tta"] and tta[1].keys() == one[1].keys()
+    assert any(tta[1][p]["pred_pixels"] != one[1][p]["pred_pixels"] for p in one[1])
+    printed = capsys.readouterr().out
+    assert "ensemble of 2" in printed and "TTA" in printed
+
+
+def test_members_must_share_their_preprocessing(tmp_path, capsys):
+    base = Config(name="a")
+    check_members({"a": base, "b": base.replace(name="b", seed=3, learning_rate=1e-3)})
+    with pytest.raises(ValueError, match="image_size: 256 vs 128") as info:
+        check_members({"a": base, "b": base.replace(image_size=128)})
+    assert "\n" not in str(info.value) and "a and b" in str(info.value)
+    assert main(["--checkpoint", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nothing" in err[0]
