@@ -1,5 +1,6 @@
-"""`python -m unet_jax.predict`: geometry, grouping, LCC, outputs, bad input, and agreement with
-the training evaluation (smoke run) and with the PyTorch reference (converted baseline model).
+"""`python -m unet_jax.predict`: geometry, grouping, LCC, outputs, bad input, test-time
+augmentation, ensembles, NIfTI volumes, and agreement with the training evaluation (smoke run)
+and with the PyTorch reference (converted baseline model).
 
 All on generated data: small synthetic kaggle_3m patients (96x96 .tif with masks), a non-square
 patient folder of PNGs, a single-channel FLAIR slice; models are tiny and random (their final
@@ -18,6 +19,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ from unet_jax.checkpoint import build_model, load_model, save_model_checkpoint
 from unet_jax.config import Config
 from unet_jax.input_pipeline import resize_batch
 from unet_jax.model import BatchNorm
-from unet_jax.predict import main, predict
+from unet_jax.predict import Predictor, discover, load_checkpoints, main, predict
+from unet_jax.predict import read_volume as read_loaded_volume
 from unet_jax.synthetic import synthetic_volume, write_synthetic_kaggle3m
 
 # ----------------------------------------------------------------------------- helpers
@@ -56,6 +59,21 @@ def _masks(out: Path, volume: str) -> dict[str, np.ndarray]:
 def _stack(out: Path, volume: str, stems: list[str]) -> np.ndarray:
     masks = _masks(out, volume)
     return np.stack([masks[s] for s in stems])
+
+
+def _sigmoid(logits) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def _assert_thresholded(got: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> None:
+    """``got`` is ``prob >= threshold`` wherever ``prob`` is farther than float rounding (1e-5)
+    from the threshold; the few pixels closer than that may go either way."""
+    near = np.abs(prob - threshold) <= 1e-5
+    print(f"pixels within 1e-5 of the threshold: {int(near.sum())} of {near.size}")
+    assert near.sum() <= max(2, near.size // 10_000)
+    ref = prob >= threshold
+    assert ref[~near].any() and not ref[~near].all()  # the comparison means something
+    np.testing.assert_array_equal(got[~near], ref[~near])
 
 
 def _write_png16_rgb(path: Path, rgb: np.ndarray) -> None:
@@ -321,15 +339,19 @@ def test_raw_config_checkpoint(data, tmp_path):
     assert summary.volumes == 1 and summary.slices == 7
     rows = _read_csv(out)
     assert [r["processed"] for r in rows if r["level"] == "slice"] == ["1"] * 7
-    # The loaded model's predictions mapped back by nearest neighbour (the preprocess module's
-    # order-0 rule), then the largest component.
+    # The loaded model's probabilities resized bilinearly to the slices' size (half-pixel
+    # centres, antialiased where it shrinks: jax.image.resize), thresholded, without LCC.
     model, _, _ = load_model(ckpt)
-    pred = np.asarray(model(xr))[..., 0] >= 0
-    iy, ix = preprocess.nearest_indices(64, 120), preprocess.nearest_indices(64, 88)
-    ref = largest_component(pred[:, iy][:, :, ix])
-    got = _stack(out, "NSQ", [f"NSQ_{k}" for k in range(1, 8)])
-    assert ref.any() and not ref.all()
-    np.testing.assert_array_equal(got, ref)
+    prob = jax.nn.sigmoid(model(xr))
+    ref = np.asarray(jax.image.resize(prob, (7, 120, 88, 1), "linear", antialias=True))[..., 0]
+    out_no_lcc = tmp_path / "out_no_lcc"
+    predict(ckpt, [data["nonsquare"]], out_no_lcc, lcc=False, progress=False, log=lambda s: None)
+    stems = [f"NSQ_{k}" for k in range(1, 8)]
+    _assert_thresholded(_stack(out_no_lcc, "NSQ", stems), ref)
+    # With LCC: its largest component.
+    got = _stack(out, "NSQ", stems)
+    np.testing.assert_array_equal(got, largest_component(_stack(out_no_lcc, "NSQ", stems)))
+    assert got.any() and not got.all()
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -561,6 +583,215 @@ def test_config_mismatching_the_stored_arrays_is_one_clean_line(data, tmp_path):
     assert proc.stdout == "" and not out.exists()
 
 
+# ----------------------------------------------------------------------------- TTA, ensembles
+
+
+def _prediction(models, config, folder: Path, **options):
+    """The :class:`Predictor`'s result for the patient folder ``folder``."""
+    (spec,), _ = discover([folder])
+    loaded, _ = read_loaded_volume(spec)
+    predictor = Predictor(models, config, **options)
+    (result,) = predictor.predict_volumes([loaded])
+    return result
+
+
+def _reference_input(folder: Path, config: Config):
+    """The model input of a patient folder for a baseline-config model, and its geometry."""
+    images, _ = read_volume(folder)
+    pv = preprocess.preprocess_volume(images, size=256)
+    return _model_input(images, config), pv.geometry
+
+
+def test_tta_averages_the_image_and_its_mirror(checkpoint, data, tmp_path):
+    """--tta: the mean of the probabilities of the image and of its left-right mirror (mirrored
+    back), computed here with NumPy from the model's logits; the masks are those probabilities
+    back in the slices' geometry (bilinear), thresholded."""
+    model, config, _ = load_model(checkpoint)
+    x, geometry = _reference_input(data["nonsquare"], config)
+    plain = _sigmoid(model(x))[..., 0]
+    mirrored = _sigmoid(model(x[:, :, ::-1]))[:, :, ::-1, 0]  # axis 2: the columns
+    ref = (plain + mirrored) / 2
+    assert np.abs(ref - plain).max() > 0.01  # the model is not symmetric: TTA changes things
+    got = _prediction(model, config, data["nonsquare"], tta=True)
+    np.testing.assert_allclose(got.probabilities, ref, atol=2e-6)
+    np.testing.assert_allclose(
+        _prediction(model, config, data["nonsquare"]).probabilities, plain, atol=2e-6
+    )
+    out = tmp_path / "tta"
+    args = ["--checkpoint", str(checkpoint), "--input", str(data["nonsquare"])]
+    assert main(args + ["--output", str(out), "--tta", "--no-lcc", "--no-progress"]) == 0
+    stems = [f"NSQ_{k}" for k in range(1, 8)]
+    restored = preprocess.restore_prediction(ref.astype(np.float32), geometry, method="linear")
+    _assert_thresholded(_stack(out, "NSQ", stems), restored)
+    assert json.loads((out / "predict.json").read_text())["tta"] is True
+
+
+@pytest.fixture(scope="module")
+def two_steps(checkpoint, data, tmp_path_factory) -> Path:
+    """One checkpoint folder holding two different models of the tiny config: step 0 the
+    ``checkpoint`` fixture's model, step 1 another one (another seed)."""
+    model, config, _ = load_model(checkpoint)
+    patient = sorted(p for p in data["root"].iterdir() if p.is_dir())[0]
+    images, _ = read_volume(patient)
+    other = _calibrated(config, _model_input(images, config), seed=1)
+    folder = tmp_path_factory.mktemp("two_steps") / "ckpt"
+    save_model_checkpoint(folder, model, config, step=0)
+    save_model_checkpoint(folder, other, config, step=1)
+    return folder
+
+
+def test_ensemble_of_one_checkpoint_twice_is_that_checkpoint(checkpoint, data, run_lcc, tmp_path):
+    out = _predict_all_inputs(checkpoint, data, tmp_path / "twice", "--checkpoint", str(checkpoint))
+    assert _read_csv(out) == _read_csv(run_lcc)
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert names == sorted(p.relative_to(run_lcc).as_posix() for p in run_lcc.rglob("*.png"))
+    for name in names:
+        np.testing.assert_array_equal(read_image(out / name), read_image(run_lcc / name))
+    settings = json.loads((out / "predict.json").read_text())
+    assert [c["path"] for c in settings["checkpoints"]] == [str(checkpoint)] * 2
+    assert any("given 2 times" in s for s in settings["notices"])
+
+
+def test_ensemble_averages_the_probabilities_of_its_checkpoints(two_steps, data, tmp_path):
+    """Two different models (steps 0 and 1 of one folder, --step per checkpoint): the mean of
+    their probabilities, each computed here on its own."""
+    folder = data["nonsquare"]
+    models, config, metas = load_checkpoints([two_steps, two_steps], [0, 1])
+    assert [m["step"] for m in metas] == [0, 1]
+    x, geometry = _reference_input(folder, config)
+    p0, p1 = (_sigmoid(m(x))[..., 0] for m in models)
+    assert np.abs(p0 - p1).max() > 0.1  # two different models
+    ref = (p0 + p1) / 2
+    np.testing.assert_allclose(_prediction(models, config, folder).probabilities, ref, atol=2e-6)
+    # With TTA: the mean over models and flips.
+    mirror = [_sigmoid(m(x[:, :, ::-1]))[:, :, ::-1, 0] for m in models]
+    np.testing.assert_allclose(
+        _prediction(models, config, folder, tta=True).probabilities,
+        (p0 + p1 + mirror[0] + mirror[1]) / 4,
+        atol=2e-6,
+    )
+    out = tmp_path / "ensemble"
+    argv = ["--checkpoint", str(two_steps), "--checkpoint", str(two_steps), "--step", "0", "1"]
+    argv += ["--input", str(folder), "--output", str(out), "--no-lcc", "--no-progress"]
+    assert main(argv) == 0
+    restored = preprocess.restore_prediction(ref.astype(np.float32), geometry, method="linear")
+    _assert_thresholded(_stack(out, "NSQ", [f"NSQ_{k}" for k in range(1, 8)]), restored)
+    settings = json.loads((out / "predict.json").read_text())
+    assert [c["step"] for c in settings["checkpoints"]] == [0, 1]
+
+
+def test_ensemble_members_that_preprocess_differently_are_refused(
+    checkpoint, data, tmp_path, capsys
+):
+    lone = ["--input", str(data["lone"])]
+    smaller = save_model_checkpoint(
+        tmp_path / "size32",
+        build_model(Config(name="s32", features=4, image_size=32, dataset_config="baseline")),
+        Config(name="s32", features=4, image_size=32, dataset_config="baseline"),
+    )
+    err = _fails(
+        capsys,
+        ["--checkpoint", str(checkpoint), str(smaller)] + lone,
+        tmp_path / "o1",
+        f"checkpoints {checkpoint} and {smaller}",
+        "image_size 64 vs 32",
+    )
+    assert "dataset_config" not in err.split("(")[1].split(")")[0]  # only the fields that differ
+    raw_config = Config(name="raw", features=4, image_size=32, dataset_config="raw")
+    raw = save_model_checkpoint(tmp_path / "raw", build_model(raw_config), raw_config)
+    _fails(
+        capsys,
+        ["--checkpoint", str(checkpoint), "--checkpoint", str(raw)] + lone,
+        tmp_path / "o2",
+        "dataset_config 'baseline' vs 'raw', image_size 64 vs 32",
+    )
+    # A different threshold: refused unless --threshold chooses the ensemble's.
+    t_config = Config(name="t", features=4, image_size=64, threshold=0.4)
+    other_t = save_model_checkpoint(tmp_path / "t04", build_model(t_config), t_config)
+    pair = ["--checkpoint", str(checkpoint), str(other_t)] + lone
+    _fails(capsys, pair, tmp_path / "o3", "threshold (0.5 vs 0.4)", "--threshold")
+    assert (
+        main(pair + ["--threshold", "0.5", "--output", str(tmp_path / "o4"), "--no-progress"]) == 0
+    )
+    assert json.loads((tmp_path / "o4" / "predict.json").read_text())["threshold"] == 0.5
+    # Steps: one for all or one per checkpoint.
+    _fails(
+        capsys,
+        ["--checkpoint", str(checkpoint), str(checkpoint), str(checkpoint), "--step", "0", "1"]
+        + lone,
+        tmp_path / "o5",
+        "2 steps given for 3 checkpoints",
+    )
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def test_nifti_volumes_load_back_as_the_slices_and_masks(checkpoint, data, tmp_path):
+    nib = pytest.importorskip("nibabel", reason="the `nifti` extra (nibabel) is needed")
+    from unet_jax.predict.export import NIFTI_AFFINE
+
+    # A patient of 12 slices: sorted as text, slice 10 would come before slice 2.
+    images, masks = synthetic_volume(np.random.default_rng(8), 12, size=64)
+    order = tmp_path / "in" / "ORD"
+    order.mkdir(parents=True)
+    for k in range(12):
+        Image.fromarray(images[k, 4:60, 10:50]).save(order / f"ORD_{k + 1}.png")  # 56x40
+        Image.fromarray(masks[k, 4:60, 10:50]).save(order / f"ORD_{k + 1}_mask.png")
+    patient = sorted(p for p in data["root"].iterdir() if p.is_dir())[0]
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(checkpoint), "--input", str(patient), str(order), str(data["lone"])]
+    assert main(argv + ["--output", str(out), "--format", "nifti", "--no-progress"]) == 0
+    num = len([p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")])
+    cases = {  # volume: (slice files in slice-number order, single channel)
+        patient.name: ([patient / f"{patient.name}_{k}.tif" for k in range(1, num + 1)], False),
+        "ORD": ([order / f"ORD_{k}.png" for k in range(1, 13)], False),
+        "flair": ([data["lone"]], True),
+    }
+    channels = ("pre-contrast", "flair", "post-contrast")
+    for name, (files, single) in cases.items():
+        slices = np.stack([read_image(f) for f in files])
+        if single:
+            slices = slices[..., None]
+        n, h, w = slices.shape[:3]
+        expected = {f"{name}_{c}.nii.gz" for c in (["flair"] if single else channels)}
+        expected |= {f"{name}_pred.nii.gz"} | (set() if single else {f"{name}_truth.nii.gz"})
+        assert {p.name for p in (out / name).glob("*.nii.gz")} == expected
+
+        def load(suffix: str) -> np.ndarray:
+            img = nib.load(out / name / f"{name}_{suffix}.nii.gz")
+            assert img.shape == (w, h, n) and img.get_data_dtype() == np.uint8
+            np.testing.assert_array_equal(img.affine, NIFTI_AFFINE)
+            assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+            assert img.header.get_zooms() == (1.0, 1.0, 1.0)
+            assert img.header.get_xyzt_units()[0] == "mm"
+            data_ = np.asarray(img.dataobj)
+            assert data_.dtype == np.uint8
+            return data_.transpose(2, 1, 0)  # back to (slice, row, column)
+
+        for c, channel in enumerate(["flair"] if single else channels):
+            np.testing.assert_array_equal(load(channel), slices[..., c])
+        pred = load("pred")
+        np.testing.assert_array_equal(pred, _stack(out, name, [f.stem for f in files]))
+        assert set(np.unique(pred).tolist()) <= {0, 1}
+        if not single:
+            truth = np.stack([read_image(f.with_name(f.stem + "_mask" + f.suffix)) for f in files])
+            np.testing.assert_array_equal(load("truth"), truth > 0)
+    assert len(np.unique(np.asarray(images).reshape(12, -1), axis=0)) == 12  # order matters
+    assert json.loads((out / "predict.json").read_text())["format"] == "nifti"
+
+
+def test_nifti_without_nibabel_names_the_extra(checkpoint, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # import nibabel raises ImportError
+    _fails(
+        capsys,
+        ["--checkpoint", str(checkpoint), "--input", str(data["lone"]), "--format", "nifti"],
+        tmp_path / "out",
+        "nibabel",
+        "unet-jax[nifti]",
+    )
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -623,11 +854,17 @@ def test_converted_torch_model_gives_the_pytorch_reference_masks(data, tmp_path)
     n = images.shape[0]
     stems = [f"{patient.name}_{k}" for k in range(1, n + 1)]
     got = _stack(out, patient.name, stems)
-    # Reference: sigmoid >= 0.5 of the PyTorch logits, back to the slices, largest component.
-    ref_model = torch.sigmoid(torch.from_numpy(logits)).numpy() >= 0.5
-    ref = largest_component(preprocess.restore_prediction(ref_model, pv.geometry))
-    assert ref.any() and ndimage.label(preprocess.restore_prediction(ref_model, pv.geometry))[1] > 1
-    np.testing.assert_array_equal(got, ref)
+    # Reference: the PyTorch probabilities back to the slices (bilinear), thresholded at 0.5;
+    # no pixel so close to the threshold that the frameworks' last bits could decide it.
+    ref_prob = preprocess.restore_prediction(
+        torch.sigmoid(torch.from_numpy(logits)).numpy(), pv.geometry, method="linear"
+    )
+    inside = np.abs(ref_prob - 0.5)[ref_prob > 0]
+    print(f"closest restored probability to the threshold: {inside.min():.2e}")
+    assert inside.min() > 1e-5
+    ref_mask = ref_prob >= 0.5
+    assert ref_mask.any() and ndimage.label(ref_mask)[1] > 1
+    np.testing.assert_array_equal(got, largest_component(ref_mask))
 
 
 @pytest.mark.slow

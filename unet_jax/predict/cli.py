@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 
+from unet_jax.predict.export import FORMATS
 from unet_jax.predict.inputs import PredictError
 from unet_jax.predict.run import predict
 
@@ -21,9 +22,18 @@ inputs: slice files (8-bit; 3 channels pre-contrast, FLAIR, post-contrast, or 1 
 
 preprocessing: the checkpoint's data-set config (baseline or raw), exactly as in training.
   baseline: slices the baseline drops (first and last, outside the crop) get empty masks
-  (processed = 0); volumes of fewer than 3 slices keep their ends. Prediction is
-  sigmoid >= threshold, mapped back to each slice's own size (nearest neighbour); unless
+  (processed = 0); volumes of fewer than 3 slices keep their ends.
+
+prediction: the sigmoid probabilities at the model's size (with --tta the mean over the image
+  and its left-right mirror; with several checkpoints the mean over them) are resized
+  bilinearly to each slice's own geometry and thresholded there (>= threshold); unless
   --no-lcc, only the largest 3D connected component of each volume is kept.
+
+ensembles: --checkpoint A B C (or --checkpoint A --checkpoint B ...), e.g. the folds of a cv5
+  run or several seeds. Every checkpoint must agree on dataset_config, image_size, in_channels
+  and out_channels (else exit 2 naming the two that differ), and on threshold unless
+  --threshold is given. --step N applies to all; --step N1 N2 ... gives one per checkpoint
+  (best: a workdir's best checkpoint).
 
 outputs (DIR is made complete or not at all):
   <volume>/<stem>_pred.png     binary mask (0/255) in the input slice's size
@@ -32,11 +42,29 @@ outputs (DIR is made complete or not at all):
   predictions.csv              one row per slice and per volume: sizes, processed, lesion
                                pixels and fraction, true_pixels; with ground truth, dsc and
                                accuracy in the input geometry, and dsc_model, dsc_model_lcc,
-                               accuracy_model as the training evaluation computes them
-                               (dsc_model_lcc is its per_patient.csv's dsc_lcc)
+                               accuracy_model as the training evaluation computes them, on
+                               the processed slices at the stored size (dsc_model_lcc is its
+                               per_patient.csv's dsc_lcc)
   predict.json                 the settings of the run
+  with --format nifti (needs nibabel: pip install 'unet-jax[nifti]'), per volume also
+  <volume>/<volume>_flair.nii.gz (and _pre-contrast, _post-contrast for 3-channel input)
+                               the input channels, uint8
+  <volume>/<volume>_pred.nii.gz  the predicted mask (0/1 uint8), equal to the _pred.png masks
+  <volume>/<volume>_truth.nii.gz the ground truth (0/1), when every slice has a mask
+    3D arrays data[x, y, z]: x the column, y the row, z the slice in slice-number order (0 =
+    the first); affine diag(-1, -1, 1): 1 mm spacing (nominal: the TIFFs carry none), axes
+    L, P, S, so ITK-SNAP or 3D Slicer shows each axial slice as the PNGs do.
 
 exit status: 0 done, 2 bad input, checkpoint or output, 130 interrupted."""
+
+
+def _step(text: str) -> int | None:
+    if text == "best":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a step number nor 'best': {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,14 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         required=True,
+        nargs="+",
+        action="extend",
+        metavar="CKPT",
         help="a training workdir (its best checkpoint unless --step) or a "
-        "checkpoint written by `python -m unet_jax.convert`",
+        "checkpoint written by `python -m unet_jax.convert`; several (or the option "
+        "repeated): an ensemble averaging their probabilities",
     )
     parser.add_argument(
         "--step",
-        type=int,
+        type=_step,
+        nargs="+",
+        action="extend",
         default=None,
-        help="use the checkpoint of this training step instead of the best",
+        metavar="STEP",
+        help="use the checkpoint of this training step instead of the best; one for all "
+        "checkpoints or one per checkpoint ('best' for a workdir's best)",
     )
     parser.add_argument(
         "--input",
@@ -75,6 +111,19 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="probability threshold (default: the checkpoint's, 0.5)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: average the probabilities of each image and its "
+        "left-right mirror (the flip training augments with; twice the compute)",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="png",
+        help="png (default): masks, overlays and a GIF per volume; nifti: those and one "
+        "set of .nii.gz volumes per volume (see below; needs nibabel)",
     )
     parser.add_argument(
         "--no-lcc",
@@ -103,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             step=args.step,
             threshold=args.threshold,
             lcc=not args.no_lcc,
+            tta=args.tta,
+            format=args.format,
             batch_size=args.batch_size,
             progress=False if args.no_progress else None,
         )
@@ -117,15 +168,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         line = f"{r['volume']}: {r['slices']} slices, lesion {r['lesion_pixels']} px"
         if "dsc" in r:
-            line += (
-                f", DSC {r['dsc']:.4f} (model resolution, after LCC: {r['dsc_model_lcc']:.4f})"
-                if "dsc_model_lcc" in r
-                else f", DSC {r['dsc']:.4f}"
-            )
+            line += f", DSC {r['dsc']:.4f}"
+            if "dsc_model_lcc" in r:
+                line += f" (as evaluated in training, after LCC: {r['dsc_model_lcc']:.4f})"
         print(line)
     rate = summary.slices / summary.seconds if summary.seconds > 0 else math.inf
+    how = [f"{len(args.checkpoint)} checkpoints"] if len(args.checkpoint) > 1 else []
+    how += ["TTA"] if args.tta else []
     print(
         f"wrote {summary.output}: {summary.volumes} volume(s), {summary.slices} slices in "
         f"{summary.seconds:.1f} s ({rate:.1f} slices/s) on {summary.device}"
+        + (f" ({', '.join(how)})" if how else "")
     )
     return 0

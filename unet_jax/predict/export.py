@@ -1,5 +1,21 @@
-"""Outputs of ``unet_jax.predict``: per slice the mask and overlay PNGs, per volume a GIF, and
-``predictions.csv``/``predict.json``, in a new folder made complete or not at all."""
+"""Outputs of ``unet_jax.predict``: per slice the mask and overlay PNGs, per volume a GIF (and,
+with ``--format nifti``, NIfTI volumes), and ``predictions.csv``/``predict.json``, in a new
+folder made complete or not at all.
+
+NIfTI (``--format nifti``, needs nibabel: the ``nifti`` extra), in each volume's folder:
+
+- ``<volume>_pre-contrast.nii.gz``, ``<volume>_flair.nii.gz``, ``<volume>_post-contrast.nii.gz``:
+  the input slices' channels, uint8 as read (a single-channel input gives only ``_flair``);
+- ``<volume>_pred.nii.gz``: the predicted mask, uint8 0/1, the ``_pred.png`` masks stacked;
+- ``<volume>_truth.nii.gz``: the ground truth, uint8 0/1, when every slice has a mask.
+
+Each is a 3D array ``data[x, y, z]`` = slice ``z`` (0 = the volume's first slice, in the order of
+its slice numbers, as listed in ``predictions.csv``), row ``y``, column ``x`` of the input geometry.
+The affine is ``diag(-1, -1, 1)``: 1 mm spacing, which the TIFFs do not give (they carry no
+spacing or orientation), and axes L, P, S as in DICOM, so a viewer (ITK-SNAP, 3D Slicer) shows
+each axial slice as the PNGs show it (row 0 at the top, column 0 at the left) and stacks the
+slices along its superior axis, the first at the bottom. The L/P/S labels are nominal.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +38,11 @@ from unet_jax.predict.predictor import VolumePrediction
 
 __all__ = [
     "CSV_FIELDS",
+    "FORMATS",
+    "NIFTI_AFFINE",
+    "NIFTI_CHANNELS",
+    "require_nibabel",
+    "write_nifti",
     "check_output",
     "write_volume",
     "write_table",
@@ -52,12 +73,68 @@ CSV_FIELDS = [
 ]
 
 
+#: Output formats: ``png`` (masks, overlays, GIF: always written) and ``nifti`` (those plus the
+#: NIfTI volumes).
+FORMATS = ("png", "nifti")
+
+#: Voxel to world (mm) of the NIfTI volumes: ``data[x, y, z]`` with x the column, y the row, z the
+#: slice; 1 mm spacing; axes L, P, S (see the module docstring).
+NIFTI_AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: File name part of each image channel's NIfTI volume, in channel order.
+NIFTI_CHANNELS = ("pre-contrast", "flair", "post-contrast")
+
+
+def require_nibabel() -> None:
+    """Refuse ``--format nifti`` in one line where nibabel is not installed."""
+    try:
+        import nibabel  # noqa: F401
+    except ImportError:
+        raise PredictError(
+            "--format nifti needs nibabel, which is not installed: "
+            "pip install 'unet-jax[nifti]' (or pip install nibabel)"
+        ) from None
+
+
+def _nifti_volume(volume: np.ndarray, path: Path) -> None:
+    """Write ``(N, H, W)`` uint8 as ``data[x, y, z]`` (see the module docstring)."""
+    import nibabel as nib
+
+    data = np.ascontiguousarray(np.asarray(volume, np.uint8).transpose(2, 1, 0))
+    image = nib.Nifti1Image(data, NIFTI_AFFINE)
+    # Both forms, code 2 ("aligned"), so that viewers that read either agree.
+    image.set_qform(NIFTI_AFFINE, code=2)
+    image.set_sform(NIFTI_AFFINE, code=2)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)
+
+
+def write_nifti(result: VolumePrediction, folder: Path) -> list[Path]:
+    """Write a volume's NIfTI files into ``folder`` (see the module docstring); their paths."""
+    name = result.loaded.spec.name
+    images = result.loaded.images
+    channels = range(3) if result.loaded.channels == 3 else [FLAIR_CHANNEL]
+    written = []
+    for c in channels:
+        written.append(folder / f"{name}_{NIFTI_CHANNELS[c]}.nii.gz")
+        _nifti_volume(images[..., c], written[-1])
+    written.append(folder / f"{name}_pred.nii.gz")
+    _nifti_volume(result.mask, written[-1])
+    if result.loaded.has_truth.all():
+        written.append(folder / f"{name}_truth.nii.gz")
+        _nifti_volume(result.loaded.truth, written[-1])
+    return written
+
+
 def _fmt(v: Any) -> Any:
     return f"{v:.6f}" if isinstance(v, float) else v
 
 
-def write_volume(result: VolumePrediction, out_dir: Path) -> list[dict[str, Any]]:
-    """Write a volume's PNGs and GIF into ``out_dir/<volume>``; returns its CSV rows."""
+def write_volume(
+    result: VolumePrediction, out_dir: Path, nifti: bool = False
+) -> list[dict[str, Any]]:
+    """Write a volume's PNGs and GIF (with ``nifti``, its NIfTI files too) into
+    ``out_dir/<volume>``; returns its CSV rows."""
     spec = result.loaded.spec
     folder = out_dir / spec.name
     folder.mkdir()
@@ -92,6 +169,8 @@ def write_volume(result: VolumePrediction, out_dir: Path) -> list[dict[str, Any]
         rows.append(row)
     numbers = [k + 1 if s.number is None else s.number for k, s in enumerate(spec.slices)]
     write_overlay_gif(overlays, numbers, folder / f"{spec.name}.gif")
+    if nifti:
+        write_nifti(result, folder)
     rows.append(
         {
             "volume": spec.name,

@@ -1,7 +1,12 @@
 """The batching predictor of ``unet_jax.predict``: a loaded model with its preprocessing.
 
-JAX is imported when a :class:`Predictor` is made, not with this module, so that the command
-line starts (and answers ``--help`` or a bad input) without it.
+A predictor holds one model or several (an ensemble: the folds of ``cv5``, several seeds) that
+preprocess alike; the probabilities it thresholds are the members' mean, each with test-time
+augmentation when asked (:mod:`unet_jax.tta`, the implementation evaluation uses). They are
+resized bilinearly back to each slice's own geometry and thresholded there.
+
+Flax, the model and the input pipeline are imported when a :class:`Predictor` is made, not with
+this module, so that the command line answers ``--help`` or a bad input without them.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,18 @@ from unet_jax import metrics, preprocess
 from unet_jax.lgg import SLICE_SIZE
 from unet_jax.predict.inputs import LoadedVolume, PredictError
 
-__all__ = ["VolumePrediction", "Predictor", "load_checkpoint"]
+__all__ = [
+    "ENSEMBLE_FIELDS",
+    "VolumePrediction",
+    "Predictor",
+    "load_checkpoint",
+    "load_checkpoints",
+    "check_ensemble",
+]
+
+#: Config fields the checkpoints of an ensemble must agree on: what the model input is made of
+#: (preprocessing, its size, channels) and what its output is.
+ENSEMBLE_FIELDS = ("dataset_config", "image_size", "in_channels", "out_channels")
 
 
 def _next_pow2(n: int) -> int:
@@ -37,8 +53,8 @@ class _Prepared:
     mean: np.ndarray  # (3,) float32
     std: np.ndarray  # (3,) float32
     geometry: preprocess.VolumeGeometry | None  # None: nothing left to predict (empty masks)
-    pred: np.ndarray | None = None  # (Z, s, s) bool at model resolution
-    truth: np.ndarray | None = None  # (Z, s, s) bool, the masks as the model sees them
+    prob: np.ndarray | None = None  # (Z, s, s) float32 at the model's resolution
+    pred: np.ndarray | None = None  # (Z, S, S') bool at the stored resolution (the evaluation's)
     done: int = 0
 
     @property
@@ -60,16 +76,33 @@ class VolumePrediction:
       processed: (N,) bool, slices that went through the model.
       metrics: the volume's numbers (see ``unet_jax.predict.export.CSV_FIELDS``); metric keys
         only with ground truth.
+      probabilities: (Z, s, s) float32, the probabilities of the processed slices at the model's
+        resolution (the mean over the TTA flips and the ensemble), before they are mapped back;
+        None when no slice was processed.
+      geometry: where the processed slices come from (None when none was).
     """
 
     loaded: LoadedVolume
     mask: np.ndarray
     processed: np.ndarray
     metrics: dict[str, Any]
+    probabilities: np.ndarray | None = None
+    geometry: preprocess.VolumeGeometry | None = None
 
 
 class Predictor:
-    """A loaded model with its preprocessing, predicting volumes in jitted, padded batches.
+    """Loaded models with their preprocessing, predicting volumes in jitted, padded batches.
+
+    ``model`` is one model or a sequence of them (an ensemble, whose probabilities are averaged;
+    they share ``config``'s preprocessing: see :func:`load_checkpoints`). With ``tta`` each
+    member's probabilities are the mean over :data:`unet_jax.tta.TTA_FLIPS`.
+
+    A slice's mask is its probabilities resized bilinearly to the slice's own geometry
+    (:func:`preprocess.restore_prediction` with ``method="linear"``), then ``>= threshold``.
+    The ``*_model`` metrics are the training evaluation's, computed as it does
+    (``unet_jax.evaluate.make_predict_step``): against the stored masks, the probabilities
+    resized bilinearly to the stored size on the device and thresholded there (one model
+    without TTA whose input is the stored size: ``logits >= logit(threshold)``).
 
     Batches are filled across volumes in order; a last, partial batch is padded to the next
     power of two (at most ``batch_size``), so at most ``log2(batch_size) + 1`` programs compile.
@@ -83,13 +116,21 @@ class Predictor:
         threshold: float | None = None,
         lcc: bool = True,
         batch_size: int = 16,
+        tta: bool = False,
     ):
         import jax
+        import jax.numpy as jnp
         from flax import nnx
 
+        from unet_jax import tta as tta_module
         from unet_jax.input_pipeline import AugmentSpec, prepare_batch
 
+        members = list(model) if isinstance(model, Sequence) else [model]
+        if not members:
+            raise PredictError("no model to predict with")
         self.config = config
+        self.tta = bool(tta)
+        self.num_models = len(members)
         self.threshold = float(config.threshold if threshold is None else threshold)
         try:
             logit_threshold = metrics.logit_threshold(self.threshold)  # the evaluation's rule
@@ -116,14 +157,27 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.size = int(config.image_size)
         aug = AugmentSpec(0.0, 0.0, 0.0, self.size)
-        graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state)
+        graphdefs, states = zip(*(nnx.split(m) for m in members))
+        self._states = jax.device_put(tuple(states))
+        plain = self.num_models == 1 and not self.tta
+        prob_threshold = np.float32(self.threshold)
 
-        def step(state, images, masks, mean, std):
+        def step(states, images, masks, mean, std):
             # Exactly the evaluation's batch preparation: normalise, resize on device.
-            x, y = prepare_batch(images, masks, mean, std, jax.random.key(0), aug, train=False)
-            logits = nnx.merge(graphdef, state)(x)
-            return logits[..., 0] >= logit_threshold, y[..., 0] >= 0.5
+            x, _ = prepare_batch(images, masks, mean, std, jax.random.key(0), aug, train=False)
+            apply_fns = [
+                (lambda v, g=g, s=s: nnx.merge(g, s)(v)) for g, s in zip(graphdefs, states)
+            ]
+            stored = images.shape[1:3]
+            if plain and x.shape[1:3] == stored:
+                # The evaluation's rule: the logits thresholded (exactly sigmoid >= t).
+                logits = apply_fns[0](x)
+                prob = tta_module.probabilities(lambda _: logits, x)
+                pred = logits[..., 0] >= logit_threshold
+            else:
+                prob = tta_module.average_probabilities(apply_fns, x, self.tta)
+                pred = preprocess.resize_probabilities(prob, stored)[..., 0] >= prob_threshold
+            return prob[..., 0].astype(jnp.float32), pred
 
         self._step = jax.jit(step)
         self.device = str(jax.devices()[0])
@@ -190,14 +244,14 @@ class Predictor:
             masks = np.concatenate([masks, np.zeros((extra,) + masks.shape[1:], np.uint8)])
             mean = np.concatenate([mean, np.zeros((extra, 3), np.float32)])
             std = np.concatenate([std, np.ones((extra, 3), np.float32)])
-        pred, truth = jax.device_get(self._step(self._state, images, masks, mean, std))
+        prob, pred = jax.device_get(self._step(self._states, images, masks, mean, std))
         row = 0
         for p, a, b in chunks:
             if p.pred is None:
-                shape = (p.num_model_slices,) + pred.shape[1:]
-                p.pred, p.truth = np.zeros(shape, bool), np.zeros(shape, bool)
+                p.prob = np.zeros((p.num_model_slices,) + prob.shape[1:], np.float32)
+                p.pred = np.zeros((p.num_model_slices,) + pred.shape[1:], bool)
+            p.prob[a:b] = prob[row : row + b - a]
             p.pred[a:b] = pred[row : row + b - a]
-            p.truth[a:b] = truth[row : row + b - a]
             p.done += b - a
             row += b - a
 
@@ -285,8 +339,10 @@ class Predictor:
         if p.geometry is None:
             mask = np.zeros((n, h, w), bool)
         else:
-            # The model saw the stored slices resized to its image_size: mapped back from there.
-            mask = preprocess.restore_prediction(p.pred, p.geometry)
+            # The model saw the stored slices resized to its image_size: its probabilities are
+            # resized bilinearly back to each slice's own geometry, then thresholded there.
+            restored = preprocess.restore_prediction(p.prob, p.geometry, method="linear")
+            mask = np.asarray(restored) >= np.float32(self.threshold)
             processed[p.geometry.z_range[0] : p.geometry.z_range[1]] = True
         mask = np.asarray(mask, bool)
         if self.lcc:
@@ -303,11 +359,15 @@ class Predictor:
             m["true_pixels"] = int(c["true_pixels"])
             m["dsc"], m["accuracy"] = c["dsc"], c["accuracy"]
             if p.num_model_slices:
-                model_metrics = metrics.volume_metrics(p.pred, p.truth)
-                m["dsc_model"], m["dsc_model_lcc"] = model_metrics["dsc"], model_metrics["dsc_lcc"]
-                m["accuracy_model"] = model_metrics["accuracy"]
+                # What metrics.volume_metrics gives the evaluation (without its surface metrics).
+                stored_truth = p.masks[..., 0] > 0
+                counted = metrics.counted_metrics(p.pred, stored_truth)
+                m["dsc_model"], m["accuracy_model"] = counted["dsc"], counted["accuracy"]
+                m["dsc_model_lcc"] = metrics.dsc(
+                    metrics.largest_connected_component(p.pred), stored_truth
+                )
         progress(n - p.num_model_slices)
-        return VolumePrediction(loaded, mask, processed, m)
+        return VolumePrediction(loaded, mask, processed, m, p.prob, p.geometry)
 
 
 def _param_names(tree) -> dict[str, Any]:
@@ -405,3 +465,58 @@ def load_checkpoint(path: str | os.PathLike, step: int | None = None):
         ) from None
     check_finite(path, model, meta)
     return model, config, meta
+
+
+def _label(path: str | os.PathLike, step: int | None) -> str:
+    return str(path) if step is None else f"{path} (step {step})"
+
+
+def check_ensemble(members: Sequence[tuple[str, Any]], threshold: float | None = None) -> None:
+    """Refuse an ensemble whose members (``(label, config)``) would not see the same inputs or
+    give the same kind of output: they must agree on :data:`ENSEMBLE_FIELDS`, and on
+    ``threshold`` unless one is given (the ensemble's own)."""
+    first_label, first = members[0]
+    for label, config in members[1:]:
+        differ = [
+            f"{f} {getattr(first, f)!r} vs {getattr(config, f)!r}"
+            for f in ENSEMBLE_FIELDS
+            if getattr(first, f) != getattr(config, f)
+        ]
+        if differ:
+            raise PredictError(
+                f"checkpoints {first_label} and {label} do not preprocess alike "
+                f"({', '.join(differ)}); the checkpoints of an ensemble must agree on "
+                f"{', '.join(ENSEMBLE_FIELDS)}"
+            )
+        if threshold is None and config.threshold != first.threshold:
+            raise PredictError(
+                f"checkpoints {first_label} and {label} differ in threshold "
+                f"({first.threshold} vs {config.threshold}); give --threshold to choose the "
+                "ensemble's"
+            )
+
+
+def load_checkpoints(
+    paths: Sequence[str | os.PathLike],
+    steps: Sequence[int | None] | None = None,
+    threshold: float | None = None,
+):
+    """``(models, config, metas)`` of an ensemble (one checkpoint or several; ``steps``: one per
+    path, None for a workdir's best), checked with :func:`check_ensemble` as each is loaded, so
+    a mismatch is reported before the rest are read. ``config`` is the first checkpoint's: the
+    members agree on what it says of the inputs, and on its threshold unless ``threshold`` is
+    given."""
+    if not paths:
+        raise PredictError("no checkpoint given")
+    steps = list(steps) if steps is not None else [None] * len(paths)
+    if len(steps) != len(paths):
+        raise PredictError(f"{len(steps)} steps given for {len(paths)} checkpoints")
+    models, configs, metas, labels = [], [], [], []
+    for path, step in zip(paths, steps):
+        model, config, meta = load_checkpoint(path, step)
+        labels.append(_label(path, step))
+        models.append(model)
+        configs.append(config)
+        metas.append(meta)
+        check_ensemble(list(zip(labels, configs)), threshold)
+    return models, configs[0], metas
