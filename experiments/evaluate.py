@@ -2,13 +2,14 @@
 test-time augmentation: ``python -m experiments.evaluate``.
 
     python -m experiments.evaluate --checkpoint RUN [--checkpoint RUN2 ...] [--tta]
-                                   [--data_dir D] [--manual_dir M] [--out DIR]
+                                   [--threshold T] [--data_dir D] [--manual_dir M] [--out DIR]
 
 ``RUN`` is a training workdir (its best checkpoint) or a checkpoint folder
 (:func:`unet_jax.checkpoint.load_model`). Several checkpoints are an ensemble: their
 probabilities are averaged (with ``--tta``, each over the image and its mirror image first), and
 they must agree on what shapes the inputs and the output (preprocessing, input size, channels,
-threshold), else the command stops naming the field. Metrics are those of training's
+and the threshold unless ``--threshold`` sets it: ``unet_jax.predict.check_ensemble``), else
+the command stops naming the field. Metrics are those of training's
 evaluation: per patient at the stored 256x256 resolution, DSC after the largest 3D component
 (the headline), HD95, volume difference. The patients are the first checkpoint's validation
 split; members trained on some of them (the other folds of ``cv5``) make the number optimistic,
@@ -26,12 +27,6 @@ import json
 import sys
 from pathlib import Path
 
-from unet_jax.config import Config
-
-#: Config fields every member of an ensemble must share: they shape the inputs (preprocessing,
-#: size, channels) or the output (classes, threshold).
-AGREE = ("dataset_config", "image_size", "in_channels", "out_channels", "threshold")
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -46,23 +41,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--step", type=int, help="checkpoint step (default: the best)")
     parser.add_argument("--tta", action="store_true", help="average over the mirror image too")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="probability threshold (default: the checkpoints'; members that differ need it)",
+    )
     parser.add_argument("--data_dir", help="TFDS data directory (default: the config's)")
     parser.add_argument("--manual_dir", help="the Kaggle download, if the data is not built")
     parser.add_argument("--out", help="output folder (default: <first RUN>/evaluate[...])")
     return parser.parse_args(argv)
-
-
-def check_members(configs: dict[str, Config]) -> None:
-    """Raise ValueError (one line) unless every member agrees with the first on :data:`AGREE`."""
-    (first, base), *rest = configs.items()
-    for name, config in rest:
-        differ = [f"{k}: {getattr(base, k)!r} vs {getattr(config, k)!r}" for k in AGREE
-                  if getattr(base, k) != getattr(config, k)]  # fmt: skip
-        if differ:
-            raise ValueError(
-                f"{first} and {name} cannot be ensembled, their preprocessing differs "
-                f"({'; '.join(differ)})"
-            )
 
 
 def evaluate_checkpoints(
@@ -70,6 +57,7 @@ def evaluate_checkpoints(
     *,
     step: int | None = None,
     tta: bool = False,
+    threshold: float | None = None,
     data_dir: str | None = None,
     manual_dir: str | None = None,
 ) -> tuple[dict, list[dict], list[str]]:
@@ -80,14 +68,16 @@ def evaluate_checkpoints(
     from unet_jax import evaluate
     from unet_jax.checkpoint import load_model
     from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
+    from unet_jax.predict import check_ensemble
 
     models, configs = [], {}
     for path in paths:
         model, config, _ = load_model(path, step=step)
         models.append(model)
         configs[str(path)] = config
-    check_members(configs)
+    check_ensemble(list(configs.items()), threshold)  # the same preprocessing, as predict
     config = next(iter(configs.values()))
+    threshold = config.threshold if threshold is None else threshold
     notes = []
     splits = {(c.split, c.fold, c.num_folds) for c in configs.values()}
     if len(splits) > 1:
@@ -111,11 +101,11 @@ def evaluate_checkpoints(
         return nnx.merge(graphdef, *v, copy=True)(x)
 
     ensemble = len(models) > 1
-    step_fn = evaluate.make_predict_step(apply_fn, val, config.threshold, tta, ensemble)
+    step_fn = evaluate.make_predict_step(apply_fn, val, threshold, tta, ensemble)
     out = evaluate.predict_split(step_fn, variables if ensemble else variables[0], val)
     rows = evaluate.per_volume(out["pred"], evaluate.eval_truth(val), val_split, out)
     summary = evaluate.summarize(rows)
-    summary.update(checkpoints=[str(p) for p in paths], tta=tta, step=step)
+    summary.update(checkpoints=[str(p) for p in paths], tta=tta, step=step, threshold=threshold)
     return summary, rows, notes
 
 
@@ -123,16 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from unet_jax import rundir
     from unet_jax.checkpoint import CheckpointError
+    from unet_jax.predict import PredictError
 
     try:
         summary, rows, notes = evaluate_checkpoints(
             args.checkpoint,
             step=args.step,
             tta=args.tta,
+            threshold=args.threshold,
             data_dir=args.data_dir,
             manual_dir=args.manual_dir,
         )
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, PredictError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     n = len(args.checkpoint)

@@ -32,6 +32,7 @@ from flax import nnx
 
 from unet_jax.config import Config
 from unet_jax.model import UNet, load_pure, model_to_pure
+from unet_jax.rundir import unwritable_reason
 
 _BLOCKS = [
     "encoder1",
@@ -224,13 +225,9 @@ def check_output(out: Path) -> None:
         raise ConversionError(f"output directory {out} exists and is not empty")
     # The checkpoint is written beside ``out`` and renamed into place: its parent must be (or
     # become) a folder we can write in.
-    ancestor = out.absolute().parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ConversionError(f"output {out}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConversionError(f"output {out}: cannot write in {ancestor} (permission denied)")
+    reason = unwritable_reason(out)
+    if reason:
+        raise ConversionError(f"output {out}: {reason}")
 
 
 def write_checkpoint(out: Path, model: UNet, config: Config, meta: dict[str, Any]) -> None:

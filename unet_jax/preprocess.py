@@ -47,8 +47,6 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
@@ -301,13 +299,16 @@ def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out
 
 
-def resize_probabilities(probs: Any, size: int | tuple[int, int]) -> jax.Array:
+def resize_probabilities(probs: Any, size: int | tuple[int, int]) -> Any:
     """Bilinear resize of ``(Z, h, w[, K])`` probabilities (or logits) to ``(Z, size, size[,
     K])``, or to ``(Z, height, width[, K])`` for ``size=(height, width)``: how a prediction at
     the model's size is brought to the stored (or original) size before it is thresholded,
     instead of repeating binary pixels. Antialiased when it shrinks (as the images are);
     half-pixel centres (``jax.image.resize``). Pure jax: runs inside ``jit`` and on host arrays.
     """
+    import jax  # here, not at the top: the data-set builder's workers never need it
+    import jax.numpy as jnp
+
     out_h, out_w = (size, size) if np.ndim(size) == 0 else size
     probs = jnp.asarray(probs, jnp.float32)
     if probs.shape[1:3] == (out_h, out_w):

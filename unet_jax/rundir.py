@@ -177,6 +177,19 @@ def check_writable(workdir: Path) -> None:
         ) from None
 
 
+def unwritable_reason(out: Path) -> str | None:
+    """Why ``out`` (a folder to be created beside its final place and renamed into it) cannot be
+    written, or None: its nearest existing ancestor must be a folder we may write in."""
+    ancestor = Path(out).absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write in {ancestor} (permission denied)"
+    return None
+
+
 def _read_config_file(path: Path) -> dict[str, Any]:
     """``config.json`` as a dict; a one-line :class:`RunFolderError` for anything else."""
     fix = "fix or delete it, or start over with --restart (which deletes the run)"

@@ -35,6 +35,7 @@ from PIL import Image
 from unet_jax.overlays import FLAIR_CHANNEL, overlay_rgb, write_overlay_gif
 from unet_jax.predict.inputs import PredictError, VolumeSpec
 from unet_jax.predict.predictor import VolumePrediction
+from unet_jax.rundir import unwritable_reason
 
 __all__ = [
     "CSV_FIELDS",
@@ -215,13 +216,9 @@ def check_output(output: Path, inputs: Sequence[Path], volumes: Sequence[VolumeS
         )
     # The results are written beside ``out`` and renamed into place: its parent must be (or
     # become) a folder we may write in. Checked now, before the checkpoint is loaded.
-    ancestor = out.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise PredictError(f"output {output}: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise PredictError(f"output {output}: cannot write in {ancestor} (permission denied)")
+    reason = unwritable_reason(out)
+    if reason:
+        raise PredictError(f"output {output}: {reason}")
     return out
 
 
