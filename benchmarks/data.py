@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,3 +90,26 @@ def load_saved_split(directory: str | Path):
     d = Path(directory)
     arrays = {name: np.load(d / f"{name}.npy") for name in _SPLIT_ARRAYS}
     return SplitData(patients=tuple(json.loads((d / "patients.json").read_text())), **arrays)
+
+
+def small_resident_setup(args: Any, name: str, **fields: Any):
+    """``(config, mesh, resident data)`` of the step benchmarks (``epoch_loop``, ``packed_runs``):
+    a ``disc_split`` of ``args.synthetic`` ("patients,slices,stored size") on the device, the
+    config's augmentation, resized on device to ``args.image_size``."""
+    from unet_jax.config import Config
+    from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
+    from unet_jax.synthetic import disc_split
+
+    patients, slices, stored = (int(x) for x in args.synthetic.split(","))
+    split = disc_split(patients, slices, stored, seed=0)
+    cfg = Config(
+        name=name,
+        features=args.features,
+        image_size=args.image_size,
+        batch_size=args.batch,
+        **fields,
+    )
+    mesh = make_mesh()
+    size = None if args.image_size == stored else args.image_size
+    aug = AugmentSpec(cfg.aug_scale, cfg.aug_angle, cfg.aug_flip, size)
+    return cfg, mesh, ResidentData(split, mesh, cfg.batch_size, cfg.sampling, aug)

@@ -49,9 +49,9 @@ step xla_ab 110 $PY -m benchmarks.train_step --batch 16 --features "$FEATURES" \
   --variants "jax;jax:flags=gpucmdconv;jax:fn;jax:fn,bn=onepass" --json "$OUT/xla_ab.json"
 exit 0
 fi
-step packed 70 $PY -m benchmarks.packed_runs --runs 1,2,4 --modes alone,vmap --batch 16 \
+step packed 200 $PY -m benchmarks.packed_runs --runs 1,2,4 --modes alone,vmap --batch 16 \
   --features "$FEATURES" --image-size "$SIZE" --synthetic "$PACK_SYN" --reps $REPS \
   --out "$OUT/packed.json"
 # shellcheck disable=SC2086
-step cv5 480 $PY -m benchmarks.full_run --exp cv5 --caches cold $DATA $SET \
+step cv5 340 $PY -m benchmarks.full_run --exp cv5 --caches cold $DATA $SET \
   --out "$OUT/cv5.json"

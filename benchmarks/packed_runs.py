@@ -38,24 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     import jax
 
-    from unet_jax.config import Config
-    from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
-    from unet_jax.synthetic import disc_split
+    from benchmarks.data import small_resident_setup
     from unet_jax.trainer import PackedTrainer, Trainer
 
     info = machine_info()
     log(format_machine(info))
     log(f"command: {command}")
-    patients, slices, stored = (int(x) for x in args.synthetic.split(","))
-    split = disc_split(patients, slices, stored, seed=0)
-    cfg = Config(
-        name="packed_runs", features=args.features, image_size=args.image_size,
-        batch_size=args.batch, dtype=args.dtype,
-    )  # fmt: skip
-    mesh = make_mesh()
-    size = None if args.image_size == stored else args.image_size
-    aug = AugmentSpec(cfg.aug_scale, cfg.aug_angle, cfg.aug_flip, size)
-    data = ResidentData(split, mesh, cfg.batch_size, cfg.sampling, aug)
+    cfg, mesh, data = small_resident_setup(args, "packed_runs", dtype=args.dtype)
     modes = [m for m in args.modes.split(",") if m]
     counts = [int(r) for r in args.runs.split(",") if r]
     rows, results = [], {}

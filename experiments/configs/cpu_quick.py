@@ -14,14 +14,20 @@ epoch of 3,336 slices (1,456 steps of batch 16 in all).
 Expected (target): validation mean per-patient DSC >= 0.80 in under 30 minutes of training on
 2 CPU cores (the report's run 1 reached 0.8093 at full size after 7 x 40 minutes).
 
-Measured: 2026-11-26, this project's 2-core Intel Xeon VM, CPU only, jax 0.10.2,
-``python -m experiments.run --exp=cpu_quick --data_dir D``: best validation mean per-patient DSC
-**0.9006** after LCC (median 0.915; 0.860 without LCC), reached at epoch 6; per epoch 0.403, 0.666,
-0.878, 0.894, 0.806, 0.901, 0.900. Throughput on the idle machine 15 images/s (1.07 s/step), i.e.
-~26 minutes of training for the 1,456 steps; the measured wall time was 40 minutes because other
-jobs shared the 2 cores for most of the run. Per patient (DSC after LCC): CS_4944 0.894, CS_6667
-0.929, CS_6668 0.926 (the report's worst, DSC 0 there), DU_5851 0.928, DU_6404 0.910, DU_6408
-0.918, DU_7014 0.911, HT_7616 0.762, HT_7692 0.916, HT_7879 0.913.
+Measured: 2026-12-01, this project's 2-core Intel Xeon VM, CPU only, jax 0.10.2,
+``python -m experiments.run --exp=cpu_quick --manual_dir M --data_dir D`` (lossless data),
+evaluated at the stored 256x256 resolution (the model's probabilities resized bilinearly, then
+thresholded, against the stored masks): best validation mean per-patient DSC **0.8975** after
+LCC at epoch 6 (median 0.916; 0.854 without LCC; HD95 mean 1.79, median 1.21 voxels); per epoch
+0.373, 0.764, 0.874, 0.801, 0.805, 0.898, 0.804. With TTA (``python -m experiments.evaluate
+--checkpoint RUN --tta``): 0.8994. Wall time 32 minutes (other jobs shared the cores for the
+first third). Per patient (DSC after LCC): CS_4944 0.889, CS_6667 0.924, CS_6668 0.918, DU_5851
+0.915, DU_6404 0.919, DU_6408 0.923, DU_7014 0.907, HT_7616 0.760, HT_7692 0.917, HT_7879 0.903.
+
+What changed: until 2026-12-01 evaluation measured at the model's 128x128 against downsampled
+masks; this run's best checkpoint scores 0.9027 (median 0.922) that way, 0.005 above the
+stored-resolution number. The earlier run (2026-11-26: 0.9006 at 128x128, median 0.915) was
+trained by an earlier training loop and is not this checkpoint.
 """
 
 from __future__ import annotations
