@@ -412,32 +412,28 @@ def test_vmapped_packing_matches_the_lone_runs_within_float_rounding():
     # in relative L2 (Adam amplifies last-bit gradient differences on near-zero-gradient
     # coordinates, as in the one-dispatch test above). Here 6 steps of 2 seeds, one dispatch
     # per step; bounds: 1e-5 and 2%.
-    # The unrolled packing, by contrast, is bitwise (checked here too, on the same steps).
     from unet_jax.trainer import PackedTrainer
 
     cfg = tiny_config("vmap", epochs=1)
     train, _ = blob_train_val()
-    for mode in ("vmap", "unroll"):
-        lone = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
-        packed = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
-        for t in packed[1:]:  # packed runs share one resident copy of the data
-            t.data = packed[0].data
-        pack = PackedTrainer(packed, mode)
-        assert pack.mode == mode
-        outs = [pack.train_step() for _ in range(6)]
-        for r, t in enumerate(lone):
-            a = np.array([float(o[r]["loss"]) for o in outs])
-            b = np.array([float(t.train_step()["loss"]) for _ in range(6)])
-            pa = [np.asarray(x) for x in jax.tree.leaves(packed[r].state["params"])]
-            pb = [np.asarray(x) for x in jax.tree.leaves(t.state["params"])]
-            gap = np.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(pa, pb)))
-            gap /= np.sqrt(sum((y**2).sum() for y in pb))
-            if mode == "unroll":
-                assert np.array_equal(a, b) and gap == 0.0
-            else:
-                np.testing.assert_allclose(a, b, rtol=1e-5)
-                assert gap < 0.02, gap
-            assert packed[r].step == t.step == 6
+    mode = "vmap"  # unroll is bitwise: tested on the whole loop above
+    lone = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
+    packed = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
+    for t in packed[1:]:  # packed runs share one resident copy of the data
+        t.data = packed[0].data
+    pack = PackedTrainer(packed, mode)
+    assert pack.mode == mode
+    outs = [pack.train_step() for _ in range(6)]
+    for r, t in enumerate(lone):
+        a = np.array([float(o[r]["loss"]) for o in outs])
+        b = np.array([float(t.train_step()["loss"]) for _ in range(6)])
+        pa = [np.asarray(x) for x in jax.tree.leaves(packed[r].state["params"])]
+        pb = [np.asarray(x) for x in jax.tree.leaves(t.state["params"])]
+        gap = np.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(pa, pb)))
+        gap /= np.sqrt(sum((y**2).sum() for y in pb))
+        np.testing.assert_allclose(a, b, rtol=1e-5)
+        assert gap < 0.02, gap
+        assert packed[r].step == t.step == 6
     # Different seeds give different losses (the comparison above is not of one run twice).
     assert float(outs[0][0]["loss"]) != float(outs[0][1]["loss"])
 
