@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _checks import assert_one_line
 from unet_jax.checkpoint import (
     FORMAT,
     CheckpointError,
@@ -131,14 +132,6 @@ def _damage(step_dir: Path, how: str) -> None:
         (step_dir / "meta" / "metadata").write_text("")
 
 
-def _assert_one_line(err: BaseException, *parts: str) -> None:
-    message = str(err)
-    assert "\n" not in message, message
-    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
-    for part in parts:
-        assert part in message, (part, message)
-
-
 @pytest.mark.parametrize("how", ["data", "meta", "nan"])
 def test_damaged_latest_falls_back_to_the_previous_step(tmp_path, capsys, how):
     models = {s: model_to_pure(_model(s)) for s in (1, 2, 3)}
@@ -177,7 +170,7 @@ def test_damaged_only_latest_is_a_one_line_error(tmp_path):
     _damage(step_dir, "data")
     with pytest.raises(CheckpointError) as e:
         ckpts.restore_latest(models[1], _opt(0))
-    _assert_one_line(e.value, f"{step_dir} cannot be restored", "only one kept", "--restart")
+    assert_one_line(e.value, f"{step_dir} cannot be restored", "only one kept", "--restart")
     assert step_dir.is_dir() and ckpts.latest.all_steps() == [2]  # nothing moved
     ckpts.close()
 
@@ -189,7 +182,7 @@ def test_damaged_checkpoints_for_use_are_one_line_errors(tmp_path):
     _damage(step_dir, "data")
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "m")
-    _assert_one_line(e.value, f"the checkpoint {step_dir} cannot be restored", "damaged")
+    assert_one_line(e.value, f"the checkpoint {step_dir} cannot be restored", "damaged")
 
     # A training workdir whose best checkpoint lost its meta: named when the run resumes.
     ckpts = TrainCheckpoints(tmp_path / "run")
@@ -200,7 +193,7 @@ def test_damaged_checkpoints_for_use_are_one_line_errors(tmp_path):
     _damage(best, "meta")
     with pytest.raises(CheckpointError) as e:
         TrainCheckpoints(tmp_path / "run")
-    _assert_one_line(e.value, f"the best checkpoint {best} is damaged", "delete that folder")
+    assert_one_line(e.value, f"the best checkpoint {best} is damaged", "delete that folder")
 
 
 def test_all_finite():

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _checks import assert_one_line
 from _fake_run import PATIENTS, make_workdir
 from _reference import np_dsc
 from unet_jax import report, rundir
@@ -26,15 +27,6 @@ from unet_jax.rundir import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _assert_one_line(err: BaseException, *parts: str) -> None:
-    """``err`` shows as one line without a chained traceback, naming every one of ``parts``."""
-    message = str(err)
-    assert "\n" not in message, message
-    assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
-    for part in parts:
-        assert part in message, (part, message)
 
 
 def test_per_patient_recomputed_when_csv_missing(tmp_path: Path):
@@ -78,7 +70,7 @@ def test_damaged_config_json_is_refused_in_one_line(tmp_path, text, what):
     cfg_file.write_text(text)
     with pytest.raises(RunFolderError) as e:
         prepare_workdir(Config(name="a"), tmp_path, restart=False)
-    _assert_one_line(e.value, str(cfg_file), what, "--restart")
+    assert_one_line(e.value, str(cfg_file), what, "--restart")
     # --restart replaces it, whatever it holds.
     prepare_workdir(Config(name="a"), tmp_path, restart=True)
     assert json.loads(cfg_file.read_text())["name"] == "a"
@@ -93,7 +85,7 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path):
     ):
         with pytest.raises(RunFolderError) as e:
             attempt()
-        _assert_one_line(e.value, f"cannot create the workdir {workdir}", "--workdir")
+        assert_one_line(e.value, f"cannot create the workdir {workdir}", "--workdir")
 
 
 def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -116,7 +108,7 @@ def test_read_only_workdir_is_refused_before_anything_is_written(tmp_path, monke
         ):
             with pytest.raises(RunFolderError) as e:
                 attempt()
-            _assert_one_line(e.value, f"the workdir {workdir} is not writable")
+            assert_one_line(e.value, f"the workdir {workdir} is not writable")
     finally:
         workdir.chmod(0o755)
     assert sorted(p.name for p in workdir.iterdir()) == before
@@ -154,7 +146,7 @@ def test_damaged_log_line_before_the_last_is_refused(tmp_path):
     log.write_text("".join(lines))
     with pytest.raises(RunFolderError) as e:
         prepare_workdir(cfg, workdir, restart=False)
-    _assert_one_line(e.value, f"{log}, line 5: not a JSON object", "--restart")
+    assert_one_line(e.value, f"{log}, line 5: not a JSON object", "--restart")
     run_log = rundir.RunLog(workdir, enabled=True)
     for attempt in (lambda: run_log.truncate_after(10), lambda: run_log.has("eval", 10)):
         with pytest.raises(RunFolderError, match="line 5"):
@@ -206,7 +198,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused(tmp_path):
         assert holder.stdout.readline() == "locked\n", holder.stderr.read()
         with pytest.raises(WorkdirLockedError) as e:
             lock_workdir(workdir)
-        _assert_one_line(e.value, str(workdir), f"pid {holder.pid} on ", "--workdir")
+        assert_one_line(e.value, str(workdir), f"pid {holder.pid} on ", "--workdir")
         assert isinstance(e.value, RunFolderError)
     finally:
         holder.kill()  # SIGKILL: no clean-up runs in the holder
