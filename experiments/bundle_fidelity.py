@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_jax.rundir import load_run
+from unet_jax.rundata import load_run
 
 
 def _best(workdir: Path) -> tuple[float, dict[str, float]]:

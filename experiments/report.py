@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from experiments import configs as registry
-from unet_jax import rundir
+from unet_jax import rundata, rundir
 from unet_jax.compare import compare_runs
 from unet_jax.report import write_run_report
 
@@ -46,17 +46,17 @@ def regenerate(workdir: Path, title: str | None = None) -> list[Path]:
       FileNotFoundError: ``workdir`` is neither a run workdir nor a parent of any.
     """
     written: list[Path] = []
-    if rundir.is_run_dir(workdir):
-        run = rundir.load_run(workdir)
+    if rundata.is_run_dir(workdir):
+        run = rundata.load_run(workdir)
         written.append(write_run_report(run))
         for problem in run.problems:
             print(f"note: {problem}")
-    runs = rundir.find_runs(workdir)
+    runs = rundata.find_runs(workdir)
     if runs:
         experiment, order = _registry_order(list(runs))
         runs = {name: runs[name] for name in order}
         for name, run_dir in runs.items():
-            run = rundir.load_run(run_dir)
+            run = rundata.load_run(run_dir)
             written.append(write_run_report(run))
             for problem in run.problems:
                 print(f"note: {name}: {problem}")

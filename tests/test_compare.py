@@ -12,7 +12,7 @@ from PIL import Image
 
 from _fake_run import make_workdir, md_links, write_csv
 from experiments import report as report_cli
-from unet_jax import compare, report, rundir
+from unet_jax import compare, report, rundata
 from unet_jax.config import Config
 
 
@@ -76,7 +76,7 @@ def test_compare_runs_pools_cross_validation_folds(tmp_path: Path):
             dsc_offsets=(0.05 * i, 0.0, 0.1 * i),
         )
         # Distinct patients per fold, as in cross-validation.
-        rows = rundir.read_per_patient(d / "per_patient.csv")
+        rows = rundata.read_per_patient(d / "per_patient.csv")
         for row in rows:
             row["patient"] = f"{row['patient']}_f{i}"
         write_csv(d / "per_patient.csv", rows)
@@ -84,7 +84,7 @@ def test_compare_runs_pools_cross_validation_folds(tmp_path: Path):
     (tmp_path / "fold1" / "metrics.jsonl").write_text("")  # a fold without logs yet
     text = compare.compare_runs(tmp_path, dirs, "cv").read_text()
     pooled = [
-        r["dsc_lcc"] for d in dirs.values() for r in rundir.read_per_patient(d / "per_patient.csv")
+        r["dsc_lcc"] for d in dirs.values() for r in rundata.read_per_patient(d / "per_patient.csv")
     ]
     m = re.search(
         r"\*\*(\d+) patients\*\*, mean per-patient DSC \*\*([0-9.]+)\*\*, median "
@@ -155,7 +155,7 @@ def test_compare_runs_shows_the_seed_spread_of_repeated_settings(tmp_path: Path)
         assert cells[1] == "2"
         assert float(cells[2]) == pytest.approx(np.mean(means), abs=6e-5)
         assert float(cells[3]) == pytest.approx(np.std(means, ddof=1), abs=6e-5)
-    assert compare.seed_groups({"a": rundir.load_run(dirs["run1/seed0"])}) == {}
+    assert compare.seed_groups({"a": rundata.load_run(dirs["run1/seed0"])}) == {}
 
 
 def test_compare_runs_shows_hd95_beside_dsc_and_tolerates_old_runs(tmp_path: Path):
@@ -166,7 +166,7 @@ def test_compare_runs_shows_hd95_beside_dsc_and_tolerates_old_runs(tmp_path: Pat
         "new": make_workdir(tmp_path / "new", seed=0, config=base.replace(fold=0)),
         "old": make_workdir(tmp_path / "old", seed=1, config=base.replace(fold=1), old_format=True),
     }
-    rows = rundir.read_per_patient(dirs["old"] / "per_patient.csv")
+    rows = rundata.read_per_patient(dirs["old"] / "per_patient.csv")
     for row in rows:
         row["patient"] += "_old"  # distinct patients, as folds have
     write_csv(dirs["old"] / "per_patient.csv", rows, old_format=True)
@@ -199,10 +199,10 @@ def test_compare_runs_shows_hd95_beside_dsc_and_tolerates_old_runs(tmp_path: Pat
 def test_run_summary_falls_back_to_the_logged_hd95(tmp_path: Path):
     workdir = make_workdir(tmp_path / "run", with_predictions=False)
     (workdir / "per_patient.csv").unlink()
-    s = compare.run_summary(rundir.load_run(workdir, predictions=False))
-    best = rundir.load_run(workdir, predictions=False).best_eval()
+    s = compare.run_summary(rundata.load_run(workdir, predictions=False))
+    best = rundata.load_run(workdir, predictions=False).best_eval()
     assert s["mean_hd95"] == best["val_hd95"] and s["median_hd95"] == best["val_hd95_median"]
     assert s["hd95_defined"] == 3 and s["mean_avd"] == best["val_avd"]
     old = make_workdir(tmp_path / "old", with_predictions=False, old_format=True)
-    s = compare.run_summary(rundir.load_run(old, predictions=False))
+    s = compare.run_summary(rundata.load_run(old, predictions=False))
     assert s["mean_hd95"] is None and s["mean_avd"] is None and s["hd95_defined"] is None

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments.evaluate import main
-from unet_jax import rundir
+from unet_jax import rundata
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_evaluate_reproduces_the_run_and_ensembles_and_tta_are_what_they_say(
         code = main(["--checkpoint", str(smoke_workdir), *extra, "--out", str(tmp_path / name)])
         assert code == 0, capsys.readouterr().err
         summary = json.loads((tmp_path / name / "summary.json").read_text())
-        rows = rundir.read_per_patient(tmp_path / name / "per_patient.csv")
+        rows = rundata.read_per_patient(tmp_path / name / "per_patient.csv")
         outs[name] = (summary, {r["patient"]: r for r in rows})
     one, pair, tta = outs["one"], outs["pair"], outs["tta"]
     assert one[0]["val_dsc"] == pytest.approx(best["val_dsc"], abs=1e-6)

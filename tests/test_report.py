@@ -12,7 +12,7 @@ from PIL import Image
 
 from _fake_run import PATIENTS, make_workdir, md_links
 from experiments import report as report_cli
-from unet_jax import report, rundir
+from unet_jax import report, rundata, rundir
 from unet_jax.config import Config
 
 
@@ -154,7 +154,7 @@ def test_per_patient_table_shows_hd95_beside_dsc(full_report: Path):
 
 def test_undefined_hd95_is_shown_as_na_and_left_out_of_the_mean(tmp_path: Path):
     workdir = make_workdir(tmp_path / "run", with_predictions=False)
-    rows = rundir.read_per_patient(workdir / "per_patient.csv")
+    rows = rundata.read_per_patient(workdir / "per_patient.csv")
     rows[1]["hd95_lcc"] = math.nan  # e.g. the LCC prediction was empty
     rundir.write_per_patient_csv(rows, workdir / "per_patient.csv")
     text = report.write_report(workdir).read_text()

@@ -1,4 +1,4 @@
-"""Tests of unet_jax.rundir: preparing a run folder and reading one back, damaged or incomplete."""
+"""Tests of unet_jax.rundir: preparing, locking and logging a run folder, damaged or incomplete."""
 
 from __future__ import annotations
 
@@ -10,13 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from _checks import assert_one_line
-from _fake_run import PATIENTS, make_workdir
-from _reference import np_dsc
-from unet_jax import report, rundir
+from _fake_run import make_workdir
+from unet_jax import rundata, rundir
 from unet_jax.config import Config
 from unet_jax.rundir import (
     ConfigMismatchError,
@@ -27,28 +25,6 @@ from unet_jax.rundir import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def test_per_patient_recomputed_when_csv_missing(tmp_path: Path):
-    workdir = make_workdir(tmp_path / "run")
-    (workdir / "per_patient.csv").unlink()
-    run = rundir.load_run(workdir)
-    assert run.per_patient_recomputed
-    pred = np.load(workdir / "predictions.npz")
-    for row, patient in zip(run.per_patient, PATIENTS):
-        m = pred["patient"] == patient
-        assert row["dsc_lcc"] == pytest.approx(np_dsc(pred["pred"][m], pred["truth"][m]))
-    text = report.write_report(workdir).read_text()
-    assert "per_patient.csv missing" in text
-
-
-def test_truncated_metrics_line_is_skipped(tmp_path: Path):
-    workdir = make_workdir(tmp_path / "run")
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write('{"type": "train", "step": 31, "lo')  # a job killed mid-write
-    run = rundir.load_run(workdir)
-    assert len(run.train) == 30 and len(run.evals) == 3
-    assert any("unreadable" in p for p in run.problems)
 
 
 def test_different_config_on_existing_workdir_is_refused(tmp_path):
@@ -125,7 +101,7 @@ def test_torn_last_log_line_is_cut_off_on_resume(tmp_path, capsys):
     assert log.read_bytes() == good
     notice = capsys.readouterr().err
     assert notice.count("\n") == 1 and f"{log}: cut off a torn last line (line 35" in notice
-    assert not any("unreadable" in p for p in rundir.load_run(workdir).problems)
+    assert not any("unreadable" in p for p in rundata.load_run(workdir).problems)
 
     # A complete last line without its newline only gets the newline (the next line is apart).
     log.write_bytes(good[:-1])
@@ -153,14 +129,14 @@ def test_damaged_log_line_before_the_last_is_refused(tmp_path):
             attempt()
     run_log.close()
     # Reports still read around it.
-    assert any("unreadable" in p for p in rundir.load_run(workdir).problems)
+    assert any("unreadable" in p for p in rundata.load_run(workdir).problems)
 
 
 def test_log_truncation_for_resume_and_for_a_start_without_checkpoint(tmp_path):
     workdir = make_workdir(tmp_path / "run")  # 3 epochs of 10 steps, evaluated, a summary
     log = rundir.RunLog(workdir, enabled=True)
     log.truncate_after(20)  # resume from step 20: what was logged after it goes
-    train, evals, summary, _ = rundir.read_metrics(log.path)
+    train, evals, summary, _ = rundata.read_metrics(log.path)
     assert [r["step"] for r in train] == list(range(1, 21))
     assert [r["step"] for r in evals] == [10, 20]
     assert log.has("eval", 20) and not log.has("eval", 30)
@@ -168,7 +144,7 @@ def test_log_truncation_for_resume_and_for_a_start_without_checkpoint(tmp_path):
     log.truncate_after(0)
     assert log.path.read_text() == "" and not log.has("eval", 10)
     log.write({"type": "train", "step": 1, "loss": 0.5})
-    assert [r["step"] for r in rundir.read_metrics(log.path)[0]] == [1]
+    assert [r["step"] for r in rundata.read_metrics(log.path)[0]] == [1]
     log.close()
     assert not (workdir / "metrics.tmp").exists()
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import rundir
+from unet_jax import rundata, rundir
 from unet_jax.figures import (
     mean_median,
     plot_comparison_curves,
@@ -27,7 +27,7 @@ from unet_jax.figures import (
     plot_patient_bars,
 )
 from unet_jax.report import REPORT_FILE, fmt, md_table, training_tail
-from unet_jax.rundir import RunData, headline_key, is_finite_number
+from unet_jax.rundata import RunData, headline_key, is_finite_number
 
 __all__ = [
     "compare_runs",
@@ -207,7 +207,7 @@ def compare_runs(
     notes: list[str] = []
     for name, d in run_dirs.items():
         try:
-            runs[name] = rundir.load_run(d, predictions=False)
+            runs[name] = rundata.load_run(d, predictions=False)
         except FileNotFoundError as err:
             notes.append(f"{name}: {err}")
     names = list(runs)

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from unet_jax import metrics as seg_metrics
 from unet_jax.overlays import flair, overlay_rgb, select_slices
-from unet_jax.rundir import is_finite_number
+from unet_jax.rundata import is_finite_number
 
 __all__ = [
     "mean_median",

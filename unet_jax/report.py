@@ -13,7 +13,7 @@ them; runs written before they existed have no such columns, and their reports l
 
 Pieces that are missing (a run still before its first evaluation, a crashed run without
 predictions) are skipped with a plain message in the report instead of an exception; the messages
-are also returned in :attr:`unet_jax.rundir.RunData.problems`.
+are also returned in :attr:`unet_jax.rundata.RunData.problems`.
 
 The comparison of several runs is :mod:`unet_jax.compare`; the figures are
 :mod:`unet_jax.figures`, the overlay colours :mod:`unet_jax.overlays`.
@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax import rundir
+from unet_jax import rundata, rundir
 from unet_jax.config import Config
 from unet_jax.figures import (
     mean_median,
@@ -41,7 +41,7 @@ from unet_jax.figures import (
     plot_validation,
 )
 from unet_jax.overlays import write_volume_gif
-from unet_jax.rundir import RunData, headline_key, is_finite_number
+from unet_jax.rundata import RunData, headline_key, is_finite_number
 
 __all__ = [
     "REPORT_FILE",
@@ -273,7 +273,7 @@ def write_report(
       (except a workdir that does not exist: ``FileNotFoundError``).
     """
     return write_run_report(
-        rundir.load_run(workdir), overlay_slices=overlay_slices, gif_patient=gif_patient
+        rundata.load_run(workdir), overlay_slices=overlay_slices, gif_patient=gif_patient
     )
 
 
@@ -342,7 +342,7 @@ def write_run_report(
             )
 
     if run.predictions is not None and len(run.predictions["patient"]):
-        groups = rundir.patient_groups(run.predictions["patient"], run.predictions["slice_index"])
+        groups = rundata.patient_groups(run.predictions["patient"], run.predictions["slice_index"])
         chosen = best_worst_patients(run.per_patient or [], among=list(groups))
         if chosen is None:
             notes.append(
