@@ -249,13 +249,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def _latest_steps(workdirs: list[Path]) -> str:
-    """What a full disk left safe: each run's newest complete ``latest`` checkpoint (Orbax
-    writes a step into a temporary folder and renames it when complete)."""
+    """What a full disk left safe: each run's newest complete ``latest`` checkpoint."""
+    from unet_jax.checkpoint import latest_step
+
     parts = []
     for w in workdirs:
+        step = latest_step(w)
         folder = Path(w) / "checkpoints" / "latest"
-        steps = sorted(int(p.name) for p in folder.glob("*") if p.name.isdigit())
-        parts.append(f"step {steps[-1]} in {folder}" if steps else f"no checkpoint in {w}")
+        parts.append(f"no checkpoint in {w}" if step is None else f"step {step} in {folder}")
     return "; ".join(parts)
 
 

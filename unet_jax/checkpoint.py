@@ -176,6 +176,15 @@ def _meta(step: int, config: Config, extra: dict[str, Any] | None) -> dict[str, 
     return meta
 
 
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest complete ``latest`` step in a training workdir, or None: read from the folder
+    names alone (Orbax writes a step under a temporary name and renames it to the bare step
+    number when complete), so it opens no manager and writes nothing (a full disk's report)."""
+    folder = Path(workdir) / CHECKPOINTS_DIRNAME / "latest"
+    steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit() and p.is_dir()]
+    return max(steps, default=None)
+
+
 class TrainCheckpoints:
     """The ``latest`` and ``best`` checkpoint managers of one training workdir."""
 
@@ -284,7 +293,6 @@ class TrainCheckpoints:
         steps = sorted(self.latest.all_steps(), reverse=True)
         if not steps:
             return None
-        _quiet_orbax_noise()
         damaged: list[int] = []
         first_error = ""
         for step in steps:

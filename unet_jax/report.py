@@ -1,6 +1,6 @@
 """One run's report: figures and a markdown summary rebuilt from a training workdir alone.
 
-:func:`write_report` reads the run folder through :mod:`unet_jax.rundir` and writes
+:func:`write_report` reads the run folder through :mod:`unet_jax.rundata` and writes
 **``<workdir>/report/``**: ``report.md`` (summary numbers, the full config table, links to every
 figure), the PNG figures (``train_loss.png``, ``validation.png``, ``per_patient_dsc.png``,
 ``per_patient_hd95.png``, ``per_patient_accuracy.png``, ``overlay_best.png``,

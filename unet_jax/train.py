@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from unet_jax import evaluate, rundir
-from unet_jax.checkpoint import TrainCheckpoints
+from unet_jax.checkpoint import TrainCheckpoints, latest_step
 from unet_jax.config import Config
 from unet_jax.data import load_data
 from unet_jax.epoch_end import (
@@ -369,7 +369,7 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
     for c, w in zip(configs, workdirs):
         rundir.prepare_workdir(c, w, restart, write_config=is_main)
     if len(configs) > 1:
-        steps = {_latest_step(c, w) for c, w in zip(configs, workdirs)}
+        steps = {latest_step(w) or 0 for w in workdirs}
         if len(steps) > 1:
             print(f"packed runs resume at different steps {sorted(steps)}: one after another")
             return [
@@ -662,19 +662,9 @@ def _for_each(runs: list[_Run], method: Callable[[_Run], None], raise_first=Fals
         raise errors[0]
 
 
-def _latest_step(config: Config, workdir: Path) -> int:
-    """The step of ``workdir``'s newest ``latest`` checkpoint (0 when it has none)."""
-    ckpts = TrainCheckpoints(workdir, keep_latest=config.keep_latest)
-    try:
-        return ckpts.latest.latest_step() or 0
-    finally:
-        ckpts.close()
-
-
 def _device_epoch_loop(setting: str) -> bool:
-    """Whether ``Config.epoch_loop`` asks for one dispatch per epoch on this backend."""
-    if setting not in ("auto", "device", "host"):
-        raise ValueError(f"unknown epoch_loop {setting!r}; valid: auto, device, host")
+    """Whether ``Config.epoch_loop`` (validated with the config) asks for one dispatch per
+    epoch on this backend."""
     if setting == "auto":
         return jax.default_backend() != "cpu"
     return setting == "device"
