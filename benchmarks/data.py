@@ -92,6 +92,16 @@ def load_saved_split(directory: str | Path):
     return SplitData(patients=tuple(json.loads((d / "patients.json").read_text())), **arrays)
 
 
+def add_small_setup_args(p: Any, reps: int) -> None:
+    """The arguments :func:`small_resident_setup` reads, with the step benchmarks' defaults."""
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--features", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--synthetic", default="6,12,256", help="patients,slices,stored size")
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--out", default=None, help="also write the results as JSON here")
+
+
 def small_resident_setup(args: Any, name: str, **fields: Any):
     """``(config, mesh, resident data)`` of the step benchmarks (``epoch_loop``, ``packed_runs``):
     a ``disc_split`` of ``args.synthetic`` ("patients,slices,stored size") on the device, the

@@ -16,24 +16,19 @@ import time
 from typing import Any
 
 from benchmarks.cli import run_cli
+from benchmarks.data import add_small_setup_args, small_resident_setup
 from benchmarks.machine import format_machine, machine_info
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--features", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--synthetic", default="6,12,256", help="patients,slices,stored size")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
+    add_small_setup_args(p, reps=5)
     return p
 
 
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     import jax
 
-    from benchmarks.data import small_resident_setup
     from unet_jax.trainer import Trainer
 
     info = machine_info()

@@ -18,27 +18,22 @@ import time
 from typing import Any
 
 from benchmarks.cli import run_cli
+from benchmarks.data import add_small_setup_args, small_resident_setup
 from benchmarks.machine import format_machine, machine_info
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="1,2,4", help="numbers of runs to pack, comma-separated")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--features", type=int, default=8)
-    p.add_argument("--batch", type=int, default=8)
+    add_small_setup_args(p, reps=3)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--synthetic", default="6,12,256", help="patients,slices,stored size")
     p.add_argument("--modes", default="alone,vmap,unroll")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default=None, help="also write the results as JSON here")
     return p
 
 
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     import jax
 
-    from benchmarks.data import small_resident_setup
     from unet_jax.trainer import PackedTrainer, Trainer
 
     info = machine_info()
