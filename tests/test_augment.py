@@ -18,6 +18,7 @@ import pytest
 from skimage.transform import AffineTransform, SimilarityTransform, rotate, warp
 
 from _reference import np_dsc
+from _requires import needs_torch
 from unet_jax import augment
 
 KAGGLE_3M = Path(__file__).resolve().parents[1].parent / "shared" / "lgg" / "kaggle_3m"
@@ -240,6 +241,7 @@ def test_matches_skimage_warp_on_real_slices(real_slices, scale, angle):
         assert np_dsc(out_mask, ref_m) >= DICE_BOUND, (k, np_dsc(out_mask, ref_m))
 
 
+@needs_torch
 @pytest.mark.real_data
 def test_close_to_the_baselines_three_pass_pipeline(real_slices):
     """Same parameters through the baseline's own rescale+crop/pad, rotate, fliplr passes.

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from _requires import needs_torch
 from benchmarks import train_step as bench
 from unet_jax.model import UNet
 
@@ -75,6 +76,7 @@ def test_functional_forward_matches_model(conv):
     )
 
 
+@needs_torch
 def test_torch_and_jax_steps_run_and_learn():
     for spec in ("torch", "jax"):
         step = bench.make_step(bench.parse_variant(spec), threads=1, **TINY)
@@ -84,6 +86,7 @@ def test_torch_and_jax_steps_run_and_learn():
         assert losses[-1] < losses[0], (spec, losses)
 
 
+@needs_torch
 @pytest.mark.slow
 def test_run_benchmark_end_to_end():
     res = bench.run_benchmark(

@@ -17,14 +17,13 @@ import math
 import jax
 import numpy as np
 import pytest
-import torch
 
+from _requires import needs_torch
 from benchmarks import conv_grad, epoch_time, full_epoch, input_pipeline
 from benchmarks.data import load_data, load_saved_split, save_split
 from benchmarks.flops import peak_tflops, training_flops_per_example, unet_forward_flops
 from benchmarks.machine import fmt_summary, summarize
 from benchmarks.runners import ResizePair, baseline_volumes
-from benchmarks.torch_baseline.unet import UNet as TorchUNet
 from unet_jax.synthetic import disc_split
 
 TINY_DATA = ["--synthetic", "4,12,64", "--image-size", "32"]
@@ -56,6 +55,10 @@ def fast_prng():
 def _torch_hook_flops(features: int, size: int) -> int:
     """Independent count: 2 x MACs of every Conv2d / ConvTranspose2d from the shapes seen by
     forward hooks of the PyTorch model on the meta device (no arithmetic is done)."""
+    import torch
+
+    from benchmarks.torch_baseline.unet import UNet as TorchUNet
+
     model = TorchUNet(3, 1, features).to("meta")
     total = [0]
 
@@ -73,6 +76,7 @@ def _torch_hook_flops(features: int, size: int) -> int:
     return total[0]
 
 
+@needs_torch
 @pytest.mark.parametrize("features,size", [(4, 32), (8, 64), (32, 256)])
 def test_forward_flops_match_an_independent_count(features, size):
     assert unet_forward_flops(features, size) == _torch_hook_flops(features, size)
@@ -111,6 +115,7 @@ def test_load_data_without_data_dir_is_synthetic_and_labelled(tmp_path):
     assert back.patients == split.patients
 
 
+@needs_torch
 def test_baseline_volumes_are_the_normalised_slices():
     split = disc_split(3, 4, 16, seed=1)
     vols = baseline_volumes(split)
@@ -136,6 +141,7 @@ def test_resize_pair_keeps_masks_binary():
 # ----------------------------------------------------------------------------- epoch_time
 
 
+@needs_torch
 def test_epoch_time_runs_all_variants(tmp_path, fast_prng):
     out = tmp_path / "epoch.json"
     res = epoch_time.main(
@@ -269,6 +275,7 @@ def test_full_epoch_rejects_too_few_epochs():
 # ----------------------------------------------------------------------------- conv_grad
 
 
+@needs_torch
 def test_weight_grad_formulations_match_a_numpy_sum():
     # dW[i, j, ci, co] = sum over n, h, w of x_pad[n, h+i, w+j, ci] * dy[n, h, w, co], by hand.
     rng = np.random.default_rng(0)
@@ -287,6 +294,7 @@ def test_weight_grad_formulations_match_a_numpy_sum():
     np.testing.assert_allclose(blas_hwio, want, rtol=1e-4, atol=1e-4)
 
 
+@needs_torch
 def test_conv_grad_runs(tmp_path):
     out = tmp_path / "cg.json"
     res = conv_grad.main(
@@ -331,6 +339,7 @@ def test_conv_grad_runs(tmp_path):
 # ----------------------------------------------------------------------------- input_pipeline
 
 
+@needs_torch
 def test_input_pipeline_in_worker_processes(tmp_path):
     # Worker processes, as in a measured run: forked DataLoader workers (0 and 2) included.
     out = tmp_path / "ip.json"

@@ -6,11 +6,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from benchmarks.torch_baseline import data
-from benchmarks.torch_baseline.train import dice_loss, main, train_epoch
-from benchmarks.torch_baseline.unet import UNet
+torch = pytest.importorskip(
+    "torch", reason="needs PyTorch (the baseline itself): pip install -e '.[baseline]'"
+)
+
+from benchmarks.torch_baseline import data  # noqa: E402
+from benchmarks.torch_baseline.train import dice_loss, main, train_epoch  # noqa: E402
+from benchmarks.torch_baseline.unet import UNet  # noqa: E402
 
 
 def test_slice_weights_hand_made_case():

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from _checks import LOSS_RTOL, assert_same_training
 from _synth import blob_train_val, tiny_config
 from unet_jax.checkpoint import TrainCheckpoints, load_model
 from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_and_evaluate
@@ -270,13 +271,10 @@ def _resident_trainer(cfg, split):
 
 def test_one_dispatch_epoch_matches_the_per_step_loop():
     # The epoch as one program (lax.scan of the step) against step-by-step dispatches, from the
-    # same initial state: the same PRNG stream draws the same batches (bitwise), so the losses
-    # are the same (bitwise: the forward pass compiles identically). The updated parameters are
-    # not bitwise equal: XLA:CPU orders some float32 reductions of the backward pass differently
-    # inside the loop (gradients differ in their last bits, ~1e-8), and Adam divides each
-    # coordinate's step by its gradient's RMS, so on coordinates whose gradient is near zero
-    # such a difference moves the parameter by a fraction of the learning rate (measured:
-    # 1.4e-5 = 0.005 lr after 1 to 4 steps, not growing). Bound: 0.02 lr.
+    # same initial state: the same PRNG stream draws the same batches, and the two programs
+    # train the same run up to float
+    # rounding (XLA may order the backward pass's sums differently inside the loop; the bounds
+    # and where they come from: tests/_checks.py).
     cfg = tiny_config("scan", epochs=1, seed=5)
     train, _ = blob_train_val()
     scanned, stepped = _resident_trainer(cfg, train), _resident_trainer(cfg, train)
@@ -294,20 +292,18 @@ def test_one_dispatch_epoch_matches_the_per_step_loop():
     )()
     for step in range(steps):
         x, y = jax.jit(stepped.data.train_batch)(key, jax.numpy.int32(step), arrays)
-        assert np.array_equal(np.asarray(batches[0][step]), np.asarray(x))
-        assert np.array_equal(np.asarray(batches[1][step]), np.asarray(y))
+        # The same slices and augmentation parameters (integer work and the PRNG stream); the
+        # resampled images to float rounding (measured: 1.7e-5 of a range of ~7 on jax 0.12,
+        # bitwise on 0.10.2); another slice or draw would differ by O(1).
+        np.testing.assert_allclose(np.asarray(batches[0][step]), np.asarray(x), rtol=0, atol=1e-4)
+        assert np.mean(np.asarray(batches[1][step]) != np.asarray(y)) <= 1e-3
 
     losses = np.asarray(scanned.train_steps(steps)["loss"])
     step_losses = np.array([float(stepped.train_step()["loss"]) for _ in range(steps)])
-    assert losses.shape == (steps,) and np.array_equal(losses, step_losses.astype(np.float32))
+    assert losses.shape == (steps,)
     assert scanned.step == stepped.step == steps
-
-    def gap(name):
-        pairs = zip(jax.tree.leaves(scanned.state[name]), jax.tree.leaves(stepped.state[name]))
-        return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
-
-    assert gap("params") <= 0.02 * cfg.learning_rate
-    assert gap("batch_stats") <= 1e-5
+    state = lambda t: jax.tree.leaves((t.state["params"], t.state["batch_stats"]))
+    assert_same_training(losses, step_losses, state(scanned), state(stepped))
 
 
 @pytest.mark.slow
@@ -335,8 +331,8 @@ def test_an_evaluation_a_kill_lost_from_the_log_is_logged_again_on_resume(tmp_pa
 @pytest.mark.slow
 def test_device_and_host_epoch_loops_log_the_same_run(tmp_path):
     # The training loop with one dispatch per epoch (the accelerators' default) and with one
-    # per step (the CPU's): the same log lines, the first epoch's losses bitwise, later ones to
-    # float rounding (the updates differ in their last bits, see the test above).
+    # per step (the CPU's): the same log lines, the losses equal up to float rounding (two
+    # programs: bounds in tests/_checks.py), the evaluations close.
     cfg = tiny_config("loops", epochs=2, log_every_steps=1, seed=7)
     data = blob_train_val()
     runs = {}
@@ -345,10 +341,7 @@ def test_device_and_host_epoch_loops_log_the_same_run(tmp_path):
         runs[loop] = (_records(tmp_path / loop, "train"), _records(tmp_path / loop, "eval"))
     (dev_train, dev_eval), (host_train, host_eval) = runs["device"], runs["host"]
     assert [r["step"] for r in dev_train] == [r["step"] for r in host_train] == list(range(1, 9))
-    assert [r["loss"] for r in dev_train[:4]] == [r["loss"] for r in host_train[:4]]
-    np.testing.assert_allclose(
-        [r["loss"] for r in dev_train], [r["loss"] for r in host_train], rtol=1e-4
-    )
+    assert_same_training([r["loss"] for r in dev_train], [r["loss"] for r in host_train])
     assert [r["step"] for r in dev_eval] == [r["step"] for r in host_eval] == [4, 8]
     np.testing.assert_allclose(
         [r["val_dsc"] for r in dev_eval], [r["val_dsc"] for r in host_eval], atol=1e-3
@@ -364,10 +357,12 @@ def _param_leaves(workdir):
     return jax.tree.leaves(model_to_pure(model)), meta
 
 
-def test_packed_runs_are_the_lone_runs_bit_for_bit_and_keep_their_own_folders(tmp_path):
+def test_packed_runs_train_as_the_lone_runs_and_keep_their_own_folders(tmp_path):
     # Two seeds trained side by side in one program (pack_mode="unroll", the CPU's default)
-    # against each seed trained alone: every logged loss, every evaluation and the final
-    # checkpoint's parameters are bitwise equal, and each run has its own folder and summary.
+    # against each seed trained alone: the same log lines and best marks, losses and final
+    # parameters equal up to float rounding (two programs: bounds in tests/_checks.py; bitwise
+    # on the Intel and AMD CPUs measured, which XLA does not promise), each run in its own
+    # folder with its own summary.
     from unet_jax.train import train_runs
 
     cfg = tiny_config("pack", epochs=2, log_every_steps=1, pack_mode="unroll")
@@ -379,17 +374,19 @@ def test_packed_runs_are_the_lone_runs_bit_for_bit_and_keep_their_own_folders(tm
         for kind in ("train", "eval"):
             a = _records(tmp_path / f"p{name}", kind)
             b = _records(tmp_path / f"a{name}", kind)
-            keys = ("step", "loss", "grad_norm", "val_dsc", "best")
-            assert [{k: r.get(k) for k in keys} for r in a] == [
-                {k: r.get(k) for k in keys} for r in b
+            assert [(r["step"], r.get("best")) for r in a] == [
+                (r["step"], r.get("best")) for r in b
             ]
             assert len(a) == (8 if kind == "train" else 2)
+        a, b = _records(tmp_path / f"p{name}", "train"), _records(tmp_path / f"a{name}", "train")
         pa, _ = _param_leaves(tmp_path / f"p{name}")
         pb, _ = _param_leaves(tmp_path / f"a{name}")
-        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(pa, pb))
+        assert_same_training([r["loss"] for r in a], [r["loss"] for r in b], pa, pb)
+        a, b = _records(tmp_path / f"p{name}", "eval"), _records(tmp_path / f"a{name}", "eval")
+        np.testing.assert_allclose([r["val_dsc"] for r in a], [r["val_dsc"] for r in b], atol=1e-3)
         assert json.loads((tmp_path / f"p{name}" / "config.json").read_text())["seed"] == c.seed
         assert summary["packed_runs"] == 2 and summary["step"] == 8
-        assert summary["best_val_dsc"] == alone["best_val_dsc"]
+        assert summary["best_val_dsc"] == pytest.approx(alone["best_val_dsc"], abs=1e-3)
     # The seeds really differ (the test above would pass trivially if both ran one seed).
     assert (
         _records(tmp_path / "p3", "train")[0]["loss"]
@@ -407,16 +404,14 @@ def test_packed_runs_are_the_lone_runs_bit_for_bit_and_keep_their_own_folders(tm
 def test_vmapped_packing_matches_the_lone_runs_within_float_rounding():
     # pack_mode="vmap" (accelerators' default) runs the step vectorised over the runs; XLA then
     # lowers convolutions whose weights carry the run axis as grouped convolutions, whose
-    # float32 sums are ordered differently. Measured over 8 steps of 3 seeds (tiny U-Net):
-    # losses within 1.3e-6 relative (from the first step: last bits), parameters within 0.41%
-    # in relative L2 (Adam amplifies last-bit gradient differences on near-zero-gradient
-    # coordinates, as in the one-dispatch test above). Here 6 steps of 2 seeds, one dispatch
-    # per step; bounds: 1e-5 and 2%.
+    # float32 sums are ordered differently: two programs, equal up to amplified float rounding
+    # (bounds and the measurements behind them, Intel and AMD: tests/_checks.py). 6 steps of 2
+    # seeds, one dispatch per step.
     from unet_jax.trainer import PackedTrainer
 
     cfg = tiny_config("vmap", epochs=1)
     train, _ = blob_train_val()
-    mode = "vmap"  # unroll is bitwise: tested on the whole loop above
+    mode = "vmap"
     lone = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
     packed = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
     for t in packed[1:]:  # packed runs share one resident copy of the data
@@ -427,15 +422,13 @@ def test_vmapped_packing_matches_the_lone_runs_within_float_rounding():
     for r, t in enumerate(lone):
         a = np.array([float(o[r]["loss"]) for o in outs])
         b = np.array([float(t.train_step()["loss"]) for _ in range(6)])
-        pa = [np.asarray(x) for x in jax.tree.leaves(packed[r].state["params"])]
-        pb = [np.asarray(x) for x in jax.tree.leaves(t.state["params"])]
-        gap = np.sqrt(sum(((x - y) ** 2).sum() for x, y in zip(pa, pb)))
-        gap /= np.sqrt(sum((y**2).sum() for y in pb))
-        np.testing.assert_allclose(a, b, rtol=1e-5)
-        assert gap < 0.02, gap
+        assert_same_training(
+            a, b, jax.tree.leaves(packed[r].state["params"]), jax.tree.leaves(t.state["params"])
+        )
         assert packed[r].step == t.step == 6
-    # Different seeds give different losses (the comparison above is not of one run twice).
-    assert float(outs[0][0]["loss"]) != float(outs[0][1]["loss"])
+    # The bounds tell runs apart: the two seeds' losses differ far beyond them.
+    runs = [np.array([float(o[r]["loss"]) for o in outs]) for r in (0, 1)]
+    assert np.max(np.abs(runs[0] - runs[1]) / runs[1]) > 10 * LOSS_RTOL
 
 
 def test_diverged_parameters_are_never_called_a_good_checkpoint(tmp_path):
