@@ -1,11 +1,14 @@
 """Evaluate checkpoints on their validation patients, alone or as an ensemble, with or without
 test-time augmentation: ``python -m experiments.evaluate``.
 
-    python -m experiments.evaluate --checkpoint RUN [--checkpoint RUN2 ...] [--tta]
-                                   [--threshold T] [--data_dir D] [--manual_dir M] [--out DIR]
+    python -m experiments.evaluate --checkpoint RUN [--checkpoint RUN2 ...] [--model NAME ...]
+                                   [--tta] [--threshold T] [--data_dir D] [--manual_dir M]
+                                   [--out DIR]
 
 ``RUN`` is a training workdir (its best checkpoint) or a checkpoint folder
-(:func:`unet_jax.checkpoint.load_model`). Several checkpoints are an ensemble: their
+(:func:`unet_jax.checkpoint.load_model`); ``NAME`` a packaged model or a ``.safetensors`` model
+file (:mod:`unet_jax.pretrained`), evaluated on the validation patients of its config (default
+output ``runs/evaluate-<NAME>``). Several checkpoints are an ensemble: their
 probabilities are averaged (with ``--tta``, each over the image and its mirror image first), and
 they must agree on what shapes the inputs and the output (preprocessing, input size, channels,
 and the threshold unless ``--threshold`` sets it: ``unet_jax.predict.check_ensemble``), else
@@ -35,9 +38,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint",
         action="append",
-        required=True,
+        default=[],
         metavar="RUN",
         help="training workdir or checkpoint folder (repeat for an ensemble)",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a packaged model's name or a .safetensors model file (repeat, or add "
+        "--checkpoint, for an ensemble)",
     )
     parser.add_argument("--step", type=int, help="checkpoint step (default: the best)")
     parser.add_argument("--tta", action="store_true", help="average over the mirror image too")
@@ -49,7 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data_dir", help="TFDS data directory (default: the config's)")
     parser.add_argument("--manual_dir", help="the Kaggle download, if the data is not built")
     parser.add_argument("--out", help="output folder (default: <first RUN>/evaluate[...])")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.checkpoint and not args.model:
+        parser.error("give at least one --checkpoint or --model")
+    return args
 
 
 def evaluate_checkpoints(
@@ -69,10 +83,12 @@ def evaluate_checkpoints(
     from unet_jax.checkpoint import load_model
     from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
     from unet_jax.predict import check_ensemble
+    from unet_jax.pretrained import is_model_reference
 
     models, configs = [], {}
     for path in paths:
-        model, config, _ = load_model(path, step=step)
+        # A model file has no steps: --step applies to the checkpoints of the ensemble.
+        model, config, _ = load_model(path, step=None if is_model_reference(path) else step)
         models.append(model)
         configs[str(path)] = config
     check_ensemble(list(configs.items()), threshold)  # the same preprocessing, as predict
@@ -114,10 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     from unet_jax import rundir
     from unet_jax.checkpoint import CheckpointError
     from unet_jax.predict import PredictError
+    from unet_jax.pretrained import is_model_reference, resolve
 
+    members = args.checkpoint + args.model
     try:
+        for name in args.model:  # a --model value is a model, never taken for a checkpoint path
+            resolve(name)
         summary, rows, notes = evaluate_checkpoints(
-            args.checkpoint,
+            members,
             step=args.step,
             tta=args.tta,
             threshold=args.threshold,
@@ -127,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, PredictError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    n = len(args.checkpoint)
+    n = len(members)
     default = "evaluate" + (f"-ensemble{n}" if n > 1 else "") + ("-tta" if args.tta else "")
-    first = Path(args.checkpoint[0])
-    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / default
+    first = Path(members[0])
+    if is_model_reference(members[0]):  # never into the installed package's weights folder
+        out = Path(
+            args.out or Path("runs") / f"{default}-{first.name.removesuffix('.safetensors')}"
+        )
+    else:
+        out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) / default
     out.mkdir(parents=True, exist_ok=True)
     rundir.write_per_patient_csv(rows, out / rundir.PER_PATIENT_FILE)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -408,8 +408,18 @@ def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
 def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config, dict[str, Any]]:
     """Restore ``(model in eval mode, config, meta)`` from a training workdir or a model checkpoint.
 
-    A workdir gives its best checkpoint unless ``step`` names another.
+    A workdir gives its best checkpoint unless ``step`` names another. A packaged model's name or
+    a ``.safetensors`` model file is loaded by :func:`unet_jax.pretrained.load` (no steps).
     """
+    from unet_jax import pretrained
+
+    if pretrained.is_model_reference(path):
+        if step is not None:
+            raise CheckpointError(f"{path} is a model file: it has no steps (got step {step})")
+        try:
+            return pretrained.load(path)
+        except pretrained.PretrainedError as e:
+            raise CheckpointError(str(e)) from None
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")

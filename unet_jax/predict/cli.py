@@ -9,12 +9,20 @@ import sys
 from unet_jax.predict.export import FORMATS
 from unet_jax.predict.inputs import PredictError
 from unet_jax.predict.run import predict
+from unet_jax.pretrained import DEFAULT_MODEL
 
 __all__ = ["DESCRIPTION", "EPILOG", "main"]
 
-DESCRIPTION = "Segment new MRI slices with a trained (or converted) checkpoint."
+DESCRIPTION = (
+    "Segment new MRI slices with a packaged model (the default), a trained checkpoint or a "
+    "converted one."
+)
 
 EPILOG = """\
+models: with neither --checkpoint nor --model, the packaged model (`--list-models` prints the
+  packaged models' cards: recipe, training data, measured DSC). --model takes a packaged
+  model's name or a .safetensors file written by `python -m unet_jax.pretrained export`.
+
 inputs: slice files (8-bit; 3 channels pre-contrast, FLAIR, post-contrast, or 1 channel taken
   as FLAIR), patient folders of <patient>_<n> slices (one volume each, ordered by n) or a
   kaggle_3m root of patient folders. Loose files are grouped into volumes by <patient>; a file
@@ -30,7 +38,7 @@ prediction: the sigmoid probabilities at the model's size (with --tta the mean o
   --no-lcc, only the largest 3D connected component of each volume is kept.
 
 ensembles: --checkpoint A B C (or --checkpoint A --checkpoint B ...), e.g. the folds of a cv5
-  run or several seeds. Every checkpoint must agree on dataset_config, image_size, in_channels
+  run or several seeds, and any --model given too. Every checkpoint must agree on dataset_config, image_size, in_channels
   and out_channels (else exit 2 naming the two that differ), and on threshold unless
   --threshold is given. --step N applies to all; --step N1 N2 ... gives one per checkpoint
   (best: a workdir's best checkpoint).
@@ -76,13 +84,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--checkpoint",
-        required=True,
         nargs="+",
         action="extend",
+        default=[],
         metavar="CKPT",
         help="a training workdir (its best checkpoint unless --step) or a "
         "checkpoint written by `python -m unet_jax.convert`; several (or the option "
         "repeated): an ensemble averaging their probabilities",
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME",
+        help="a packaged model's name or a .safetensors model file (default, with no "
+        f"--checkpoint: {DEFAULT_MODEL}); several, or with --checkpoint: an ensemble",
+    )
+    parser.add_argument(
+        "--list-models", action="store_true", help="print the packaged models' cards and exit"
     )
     parser.add_argument(
         "--step",
@@ -96,16 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--input",
-        required=True,
         nargs="+",
         metavar="PATH",
         help="slice files (.tif/.tiff/.png), patient folders or a kaggle_3m root; "
         "files are grouped into volumes by their <patient>_<n> prefix, a file "
         "without _<n> is a volume of its own",
     )
-    parser.add_argument(
-        "--output", required=True, metavar="DIR", help="new (or empty) folder for the results"
-    )
+    parser.add_argument("--output", metavar="DIR", help="new (or empty) folder for the results")
     parser.add_argument(
         "--threshold",
         type=float,
@@ -139,14 +156,39 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 ok, 2 bad input/checkpoint/output, 130
     interrupted)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.list_models:
+        from unet_jax import pretrained
+
+        print("\n\n".join(pretrained.describe(name) for name in pretrained.MODELS))
+        return 0
+    missing = [f"--{n}" for n in ("input", "output") if not getattr(args, n)]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     import logging
 
     # Orbax reports opening a checkpoint read-only as absl warnings: noise for this command.
     logging.getLogger("absl").setLevel(logging.ERROR)
+    from unet_jax import pretrained
+
+    try:
+        for name in args.model:  # a --model value is a model, never taken for a checkpoint path
+            pretrained.resolve(name)
+    except pretrained.PretrainedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    members = args.checkpoint + args.model
+    if not members:
+        members = [DEFAULT_MODEL]
+        print(
+            f"using the packaged model {DEFAULT_MODEL} (--list-models: its card; --checkpoint "
+            "or --model: another)",
+            file=sys.stderr,
+        )
     try:
         summary = predict(
-            args.checkpoint,
+            members,
             args.input,
             args.output,
             step=args.step,
@@ -173,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" (as evaluated in training, after LCC: {r['dsc_model_lcc']:.4f})"
         print(line)
     rate = summary.slices / summary.seconds if summary.seconds > 0 else math.inf
-    how = [f"{len(args.checkpoint)} checkpoints"] if len(args.checkpoint) > 1 else []
+    how = [f"ensemble of {len(members)}"] if len(members) > 1 else []
     how += ["TTA"] if args.tta else []
     print(
         f"wrote {summary.output}: {summary.volumes} volume(s), {summary.slices} slices in "

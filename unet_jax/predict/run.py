@@ -156,7 +156,12 @@ def predict(
         settings = {
             # Each member's own config (they agree on the preprocessing: see ENSEMBLE_FIELDS).
             "checkpoints": [
-                {"path": str(Path(c).absolute()), "step": m.get("step"), "config": m["config"]}
+                {
+                    "path": m.get("file") or str(Path(c).absolute()),
+                    **({"model": m["name"], "sha256": m["sha256"]} if "sha256" in m else {}),
+                    "step": m.get("step"),
+                    "config": m["config"],
+                }
                 for c, m in zip(checkpoints, metas)
             ],
             "threshold": predictor.threshold,
