@@ -92,8 +92,8 @@ class Config:
     #: program: ``experiments.run --seeds`` packs them when this is on (``unet_jax.train``).
     pack_runs: bool = False
     #: How packed runs share the program: ``vmap`` (one batched program: fills an accelerator),
-    #: ``unroll`` (the runs' steps one after another in one program: each run bit-for-bit
-    #: itself alone on the CPU) or ``auto``: ``vmap`` on accelerators, ``unroll`` on the CPU.
+    #: ``unroll`` (the runs' steps one after another in one program: each run as alone, to
+    #: float rounding; bitwise on the CPUs measured) or ``auto``: ``vmap`` on accelerators, ``unroll`` on the CPU.
     pack_mode: str = "auto"
 
     # --- evaluation, checkpoints, logging -------------------------------------------------

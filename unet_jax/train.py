@@ -300,7 +300,7 @@ def train_runs(
     runs, :class:`unet_jax.trainer.PackedTrainer`); one config is :func:`train_and_evaluate`.
 
     Every run has its own workdir, log, checkpoints, evaluations and summary, exactly as when
-    trained alone (``config.pack_mode``: ``unroll`` is bit-for-bit the lone runs on the CPU,
+    trained alone (``config.pack_mode``: ``unroll`` computes the lone runs (to float rounding),
     ``vmap`` fills an accelerator); ``data`` is shared (it must not depend on the seed). Runs
     resumed from checkpoints at different steps (an interrupt between their saves) continue
     one after another. ``on_epoch_end`` is called for every run's epochs. A non-finite loss in
