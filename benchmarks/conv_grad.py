@@ -1,4 +1,4 @@
-"""Where unet_jax's CPU train step loses to PyTorch (issue 8): the 3x3 convolutions' weight grads.
+"""Where unet_jax's CPU train step loses to PyTorch: the 3x3 convolutions' weight grads.
 
 Two measurements, in one process, alternating repetitions, medians:
 

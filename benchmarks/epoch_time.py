@@ -1,4 +1,4 @@
-"""Epoch time, side by side: the PyTorch baseline, tuned PyTorch and unet_jax (issue 8).
+"""Epoch time, side by side: the PyTorch baseline, tuned PyTorch and unet_jax.
 
 On the same data, batch size and image size, in one run, with alternating repetitions:
 

@@ -1,4 +1,4 @@
-"""Measured epochs of the real training loop, end to end (issue 8).
+"""Measured epochs of the real training loop, end to end.
 
 ``benchmarks/epoch_time.py`` times steps and *projects* an epoch; this script runs the product's
 own ``unet_jax.train.train_and_evaluate`` for a few epochs and *measures* them: the jitted steps

@@ -1,5 +1,4 @@
-"""Input-pipeline throughput: unet_jax's on-device pipeline vs the baseline's per-example path
-(issue 4).
+"""Input-pipeline throughput: unet_jax's on-device pipeline vs the baseline's per-example path.
 
 Measures examples/s, on the same data and machine, in one run with alternating repetitions:
 
@@ -31,7 +30,7 @@ from benchmarks.machine import fmt_summary, format_machine, machine_info, summar
 from benchmarks.runners import AUG, examples_needed
 from benchmarks.workers import round_robin, started
 
-#: The goal of issue 4: unet_jax at least this many times the baseline's 0-worker throughput.
+#: The goal: unet_jax at least this many times the baseline's 0-worker throughput.
 GOAL_SPEEDUP = 20.0
 
 

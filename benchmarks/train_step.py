@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of ONE U-Net training step: PyTorch vs unet_jax (issue 8).
+"""Side-by-side benchmark of ONE U-Net training step: PyTorch vs unet_jax.
 
 A training step is forward + backward + Adam update with the baseline's Dice loss and BatchNorm in
 training mode, on the same model (same architecture and parameter count) and the same random batch.
@@ -37,7 +37,7 @@ JAX options (comma-separated after ``jax:``)::
     remat=block    jax.checkpoint around every conv block (recompute in the backward pass)
     flags=A+B      XLA flag presets joined by '+', or raw=--xla_... for one raw flag
 
-Example (the numbers of issue 8)::
+Example (the numbers in benchmarks/RESULTS.md)::
 
     python -m benchmarks.train_step --batch 8 --image-size 128 --reps 7 \
         --variants "torch;torch:cl;jax;jax:fn,conv=im2col;jax:flags=noynn"
@@ -59,7 +59,7 @@ from collections.abc import Callable
 from typing import Any
 
 # XLA flag presets that can be combined per variant (flags=a+b); all exist in jaxlib 0.10.2
-# (strings of libjax_common.so). None paid reliably on the 2-core CPU (issue 8 notes), so
+# (strings of libjax_common.so). None paid reliably on the 2-core CPU (benchmarks/RESULTS.md), so
 # none is applied by default anywhere.
 FLAG_PRESETS: dict[str, str] = {
     # YNNPACK library fusions (the default CPU path for dots/convs in recent jaxlib) switched off

@@ -17,8 +17,8 @@ Expected: no prior measurement; the report's two end points are 0.8093 (run 1) a
 (run 2). Differences between sub-runs of a few 0.01 are within seed-to-seed noise on 10
 validation patients; repeat with other ``seed`` values before calling a factor harmful.
 
-Measured: not run yet (2026-11-26): at 256x256 one epoch takes over an hour on the 2-core CPU
-these sessions have, and no GPU was available; the number belongs here once it is run.
+Measured: not run yet (2026-11-26): at 256x256 one epoch takes over an hour on a
+2-core CPU, and it has not run on a GPU yet; the number belongs here once it is run.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Expected: the baseline publishes mean DSC 0.91 (median 0.92) on these 10 patient
 the same cases, so optimistic); the project's goal is >= 0.91 here.
 
 Measured: the DSC is not measured yet (2026-11-26): at 256x256 one epoch takes over an hour on the
-2-core CPU these sessions have, and the GPU machine lent once could not receive the real data (its
+2-core CPU, and the one GPU measurement so far could not receive the real data (its
 transfer limit). Time, measured there on synthetic data of the same size with this recipe
 (``python -m benchmarks.full_epoch --exp baseline --epochs 5``, one NVIDIA H200): 2.8 s per
 training epoch in float32 (1.6 s with ``--set dtype=bfloat16``); with bfloat16 each evaluation

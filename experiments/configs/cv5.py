@@ -23,8 +23,8 @@ best-epoch and last-epoch DSC in the fold reports to see that bias.
 Expected: about 0.82-0.84 mean per-patient DSC (the paper: ~82% mean in cross-validation;
 an earlier 22-fold evaluation 83.6% mean / 87.3% median); the project's goal is >= 0.85.
 
-Measured: not run yet (2026-11-26): at 256x256 one epoch takes over an hour on the 2-core CPU
-these sessions have, and no GPU was available; the number belongs here once it is run.
+Measured: not run yet (2026-11-26): at 256x256 one epoch takes over an hour on a
+2-core CPU, and it has not run on a GPU yet; the number belongs here once it is run.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ baseline preprocessing (``dataset_config="baseline"``), holdout split, constant 
 Expected: validation mean per-patient DSC about 0.81 (the report measured **0.8093**; training
 loss plateaued near 0.12 after ~800 steps). The report's epochs took ~40 min each on its machine.
 
-Measured: not run yet (2026-11-26): at 256x256 one epoch takes over an hour on the 2-core CPU
-these sessions have, and no GPU was available; the number belongs here once it is run.
+Measured: not run yet (2026-11-26): at 256x256 one epoch takes over an hour on a
+2-core CPU, and it has not run on a GPU yet; the number belongs here once it is run.
 """
 
 from __future__ import annotations
