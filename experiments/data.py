@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets.lgg_mri_segmentation import build, data_error_in
-from unet_jax import synthetic
+from unet_jax import fileio, synthetic
 from unet_jax.config import Config
 from unet_jax.data import DATASET, configured_data_dir, is_built, load_data, not_built_error
 from unet_jax.input_pipeline import SplitData
@@ -144,7 +144,7 @@ def _ensure_lgg(config: Config, workdir: str | Path) -> Path:
 def _synthetic_lock(data_dir: Path) -> Iterator[None]:
     root = data_dir.parent
     root.mkdir(parents=True, exist_ok=True)
-    with synthetic.exclusive_lock(root):
+    with fileio.exclusive_lock(root):
         yield
 
 
@@ -188,8 +188,8 @@ def _ensure_synthetic(config: Config, data_dir: Path) -> Path:
     manual = data_dir.parent / "manual"
     builds = data_dir / DATASET
     # Holding the lock: hidden leftovers are those of killed writes, never of a write in progress.
-    synthetic.remove_leftovers(manual)
-    synthetic.remove_leftovers(builds)
+    fileio.remove_leftovers(manual)
+    fileio.remove_leftovers(builds)
     found = _read_stamp(manual)
     if found != params or not (manual / "kaggle_3m").is_dir():
         if not manual.exists():
@@ -210,8 +210,8 @@ def _ensure_synthetic(config: Config, data_dir: Path) -> Path:
             why = f"{manual} holds synthetic data of other parameters ({_describe(found, changed)})"
         print(f"{why}: generating synthetic data ({_describe(params)}) in {manual}")
         # Builds of the old data go first: a build never outlives the data it was made from.
-        synthetic.remove_atomically(builds)
-        tmp = synthetic.partial_path(manual)
+        fileio.remove_atomically(builds)
+        tmp = fileio.partial_path(manual)
         tmp.mkdir(parents=True)
         synthetic.write_synthetic_kaggle3m(
             tmp,
@@ -221,7 +221,7 @@ def _ensure_synthetic(config: Config, data_dir: Path) -> Path:
             seed=params["seed"],
         )
         (tmp / SYNTHETIC_STAMP).write_text(json.dumps(params, indent=1) + "\n")
-        synthetic.replace_with(manual, tmp)
+        fileio.replace_with(manual, tmp)
     if not is_built(data_dir, config.dataset_config):
         build(manual, data_dir, config.dataset_config)
     return data_dir

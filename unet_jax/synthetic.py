@@ -18,7 +18,7 @@ U-Net learns it within a few hundred steps. The first and last slices cut the el
 poles, like the real volumes whose end slices hold little or no brain.
 
 Writes are atomic: each output is written under a hidden name beside its place and renamed into
-place when complete (:func:`partial_path`, :func:`replace_with`), so a killed write never leaves a
+place when complete (:mod:`unet_jax.fileio`), so a killed write never leaves a
 partial data set where a complete one is expected; the next write removes its leftovers.
 
 The builder of the TFDS data set (``datasets/lgg_mri_segmentation``) requires 256x256 slices, as
@@ -41,14 +41,9 @@ statistics as the data set builder does.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import os
-import re
-import secrets
-import shutil
-import sys
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -57,6 +52,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from PIL import Image
 
+from unet_jax.fileio import exclusive_lock, partial_path, remove_leftovers, replace_with
 from unet_jax.lgg import CSV_FIELDS
 
 if TYPE_CHECKING:  # input_pipeline imports JAX; the kaggle_3m writer must not need it
@@ -69,11 +65,6 @@ __all__ = [
     "blob_volume",
     "disc_split",
     "disc_volume",
-    "exclusive_lock",
-    "partial_path",
-    "remove_atomically",
-    "remove_leftovers",
-    "replace_with",
     "split_from_volumes",
     "synthetic_volume",
     "write_synthetic_kaggle3m",
@@ -341,97 +332,6 @@ def write_synthetic_kaggle3m(
         for tmp, out in zip(tmps, outputs):
             replace_with(out, tmp)
     return root / "kaggle_3m"
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial|old)-[0-9]+-[0-9a-f]{8}$")
-
-
-def partial_path(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` to write it under before :func:`replace_with`
-    (``.<name>.partial-<pid>-<random>``)."""
-    return path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def replace_with(path: Path, new: Path) -> None:
-    """Put the complete ``new`` (a file or folder) in the place of ``path``.
-
-    A folder already at ``path`` is first renamed aside (``.<name>.old-*``), then deleted, so
-    that ``path`` never holds a mix of old and new; a kill between the two renames leaves no
-    ``path`` and hidden leftovers, which :func:`remove_leftovers` deletes.
-    """
-    if new.is_dir() and path.is_dir():
-        old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-        path.rename(old)
-        new.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, path)
-
-
-def remove_atomically(path: Path) -> None:
-    """Delete the folder (or file) ``path``: renamed aside first, so that a kill never leaves
-    part of it in place (the renamed leftover is one that :func:`remove_leftovers` deletes)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if not path.is_dir() or path.is_symlink():
-        path.unlink()
-        return
-    old = path.parent / f".{path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    path.rename(old)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_leftovers(path: Path) -> list[Path]:
-    """Delete the hidden ``.partial-*`` / ``.old-*`` leftovers of killed writes of ``path``.
-
-    Call it only while holding :func:`exclusive_lock` on ``path.parent`` (otherwise a write in
-    progress elsewhere may be one of them). Prints one line per leftover; returns them.
-    """
-    removed = []
-    try:
-        entries = sorted(path.parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _LEFTOVER.match(entry.name)
-        if m is None or m["name"] != path.name:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        print(f"removed {entry}: left by an interrupted write of {path}", file=sys.stderr)
-        removed.append(entry)
-    return removed
-
-
-@contextlib.contextmanager
-def exclusive_lock(folder: Path | str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``folder`` (which must exist) for the ``with`` block.
-
-    Other processes taking the lock on the same folder wait (a one-line notice says so); the lock
-    goes with its holder, so a killed process never leaves it taken. Without ``fcntl`` (Windows)
-    or where the file system refuses locks, the block runs unlocked.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another process writing in {folder} ...", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:  # e.g. a network file system without locks
-            pass
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 # ----------------------------------------------------------------------------- in-memory splits

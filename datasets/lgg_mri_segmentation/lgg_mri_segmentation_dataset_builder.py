@@ -28,8 +28,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from unet_jax import lgg
+from unet_jax.fileio import exclusive_lock
 from unet_jax.lgg import CSV_FIELDS, MISSING, SLICE_SIZE, LGGDataError
-from unet_jax.synthetic import exclusive_lock
 
 from . import archive, kaggle
 from .worker_pool import PatientPool, default_workers, exit_if_main_rerun_by_worker
