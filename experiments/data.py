@@ -26,6 +26,7 @@ of the build raised it (a worker process, TFDS's machinery); its message names t
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "load_run_data",
     "manual_dir_candidates",
     "synthetic_params",
+    "tfds_progress_bars",
 ]
 
 #: The stamp of generated data, in its ``manual`` folder: the parameters that generated it.
@@ -108,6 +110,30 @@ def load_run_data(config: Config, workdir: str | Path) -> tuple[SplitData, Split
 # --------------------------------------------------------------------------------------------
 
 
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # a replaced or closed stream
+        return False
+
+
+@contextmanager
+def tfds_progress_bars() -> Iterator[None]:
+    """TFDS's progress bars during a build: shown on a terminal as TFDS shows them, off when
+    stderr (where tqdm draws them) is not one (a log file, nohup, a scheduler, CI), where their
+    redraws would leave carriage returns and ``ESC[A`` cursor moves in the file. TFDS's global
+    switch is set back afterwards."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    before = getattr(tqdm_utils, "_active", True)  # TFDS has no public getter
+    tfds.display_progress_bar(_is_terminal(sys.stderr))
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(before)
+
+
 @contextmanager
 def _data_errors() -> Iterator[None]:
     """Bad data raised anywhere in the block (also as the cause of another error, e.g. re-raised
@@ -135,7 +161,8 @@ def _ensure_lgg(config: Config, workdir: str | Path) -> Path:
                 f"building {DATASET}/{config.dataset_config} from {manual} into {data_dir} "
                 "(once; later runs reuse it)"
             )
-            build(manual, data_dir, config.dataset_config)
+            with tfds_progress_bars():
+                build(manual, data_dir, config.dataset_config)
             return data_dir
     raise not_built_error(data_dir, config.dataset_config, tried)
 
@@ -223,5 +250,6 @@ def _ensure_synthetic(config: Config, data_dir: Path) -> Path:
         (tmp / SYNTHETIC_STAMP).write_text(json.dumps(params, indent=1) + "\n")
         fileio.replace_with(manual, tmp)
     if not is_built(data_dir, config.dataset_config):
-        build(manual, data_dir, config.dataset_config)
+        with tfds_progress_bars():
+            build(manual, data_dir, config.dataset_config)
     return data_dir

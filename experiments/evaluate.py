@@ -2,8 +2,8 @@
 test-time augmentation: ``python -m experiments.evaluate``.
 
     python -m experiments.evaluate --checkpoint RUN [--checkpoint RUN2 ...] [--model NAME ...]
-                                   [--tta] [--threshold T] [--data_dir D] [--manual_dir M]
-                                   [--out DIR]
+                                   [--step N] [--tta] [--threshold T] [--data_dir D]
+                                   [--manual_dir M] [--out DIR]
 
 ``RUN`` is a training workdir (its best checkpoint) or a checkpoint folder
 (:func:`unet_jax.checkpoint.load_model`); ``NAME`` a packaged model or a ``.safetensors`` model
@@ -14,10 +14,17 @@ they must agree on what shapes the inputs and the output (preprocessing, input s
 and the threshold unless ``--threshold`` sets it: ``unet_jax.predict.check_ensemble``), else
 the command stops naming the field. Metrics are those of training's
 evaluation: per patient at the stored 256x256 resolution, DSC after the largest 3D component
-(the headline), HD95, volume difference. The patients are the first checkpoint's validation
-split; members trained on some of them (the other folds of ``cv5``) make the number optimistic,
-which the command says: the out-of-fold numbers of ``cv5`` are the fair estimate, the ensemble
-is what a user runs on new data.
+(the headline), HD95, volume difference.
+
+The patients are the members' validation split, so the members must have been trained on the
+same data set (:func:`check_same_data`: ``source``, ``dataset_config``, ``split``, with
+``split='fold'`` also ``fold`` and ``num_folds``, and for synthetic data the settings it is
+generated from: ``seed``, ``synthetic_patients``, ``synthetic_slices``); otherwise the command
+stops in one line naming the two members and the fields (exit 2). An ensemble of the folds of
+``cv5`` is therefore not evaluated here (each fold trained on the others' validation patients,
+and which fold's patients to score would be arbitrary): the out-of-fold numbers of ``cv5`` are
+the fair estimate, and ``python -m unet_jax.predict`` (``--checkpoint
+runs/cv5/fold{0,1,2,3,4}``) is where the ensemble of folds is used, on new data.
 
 Writes ``<out>/per_patient.csv`` and ``<out>/summary.json`` (default ``<first run>/evaluate``,
 ``evaluate-tta``, ``evaluate-ensemble<N>[-tta]``) and prints the summary.
@@ -28,7 +35,53 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+#: Config fields that say which data set, and so which validation patients, a model was trained
+#: on: always, with ``split='fold'`` (the folds are deterministic: ``unet_jax.lgg.patient_folds``)
+#: and for synthetic data (generated from these: ``experiments.data.synthetic_params``).
+DATA_FIELDS = ("source", "dataset_config", "split")
+FOLD_FIELDS = ("fold", "num_folds")
+SYNTHETIC_FIELDS = ("seed", "synthetic_patients", "synthetic_slices")
+
+
+def _data_fields(a, b) -> tuple[str, ...]:
+    """The fields of :data:`DATA_FIELDS` (and, where both configs use them, of
+    :data:`FOLD_FIELDS` and :data:`SYNTHETIC_FIELDS`) that name the data of two configs."""
+    fields = DATA_FIELDS
+    if a.split == b.split == "fold":
+        fields += FOLD_FIELDS
+    if a.source == b.source == "synthetic":
+        fields += SYNTHETIC_FIELDS
+    return fields
+
+
+def check_same_data(members: Sequence[tuple[str, Any]]) -> None:
+    """Refuse an ensemble (``(label, config)`` per member) whose members were trained on
+    different data: they are scored on the validation patients of their common data set and
+    split, which must then be one (see the module docstring). One line naming the first
+    member, the first that differs from it and the fields, as
+    :func:`unet_jax.predict.check_ensemble`."""
+    from unet_jax.predict import PredictError
+
+    first_label, first = members[0]
+    for label, config in members[1:]:
+        differ = [
+            f"{f} {getattr(first, f)!r} vs {getattr(config, f)!r}"
+            for f in _data_fields(first, config)
+            if getattr(first, f) != getattr(config, f)
+        ]
+        if differ:
+            raise PredictError(
+                f"members {first_label} and {label} were trained on different data "
+                f"({', '.join(differ)}); an ensemble is evaluated only on the validation "
+                "patients of members trained on the same data set (source, dataset_config, "
+                "split, fold and num_folds; for synthetic data also seed, synthetic_patients, "
+                "synthetic_slices): use python -m unet_jax.predict to run an ensemble of "
+                "folds on new data"
+            )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,22 +138,18 @@ def evaluate_checkpoints(
     from unet_jax.predict import check_ensemble
     from unet_jax.pretrained import is_model_reference
 
-    models, configs = [], {}
+    models, members = [], []
     for path in paths:
         # A model file has no steps: --step applies to the checkpoints of the ensemble.
         model, config, _ = load_model(path, step=None if is_model_reference(path) else step)
         models.append(model)
-        configs[str(path)] = config
-    check_ensemble(list(configs.items()), threshold)  # the same preprocessing, as predict
-    config = next(iter(configs.values()))
+        members.append((str(path), config))
+        # Checked as each member is loaded: a mismatch is reported before the rest are read.
+        check_ensemble(members, threshold)  # the same preprocessing, as predict
+        check_same_data(members)  # the same validation patients
+    config = members[0][1]
     threshold = config.threshold if threshold is None else threshold
-    notes = []
-    splits = {(c.split, c.fold, c.num_folds) for c in configs.values()}
-    if len(splits) > 1:
-        notes.append(
-            "members trained on different patients (e.g. folds): some trained on these "
-            "validation patients, so the ensemble's number is optimistic"
-        )
+    notes: list[str] = []
     changes = {k: v for k, v in (("data_dir", data_dir), ("manual_dir", manual_dir)) if v}
     first = Path(paths[0])
     workdir = first if (first / "config.json").is_file() else first.parent

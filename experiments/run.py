@@ -6,14 +6,18 @@
                               [--compile_cache DIR|none]
 
 Experiments live in ``experiments/configs/`` (one module each; its docstring says what it
-reproduces and what we measured). The resolved config is printed and saved as
-``<workdir>/config.json``. Re-running the same command resumes an interrupted run; a different
-config on an existing workdir is refused unless ``--restart`` is given. Multi-run experiments
-(``ablation``, ``cv5``) put each run in ``<workdir>/<run>`` and write a comparison report; their
-runs share compiled programs through the persistent compilation cache (on by default,
-:mod:`unet_jax.compile_cache`). ``--seeds 0,1,2`` repeats every run once per seed (sub-folders
-``seed<N>``); with ``--set pack_runs=true`` a run's seeds train side by side in one program
-(:func:`unet_jax.train.train_runs`; it pays on accelerators: ``benchmarks/RESULTS.md``).
+reproduces and what we measured). Each run is announced in one line naming the fields that
+differ from the experiment's config; the whole resolved config is saved as
+``<workdir>/config.json``. Training prints a progress bar on a terminal, else (a log file, a
+scheduler) one line per evaluated epoch and a heartbeat line within long epochs. Re-running
+the same command resumes an interrupted run; a different config on an existing workdir is
+refused unless ``--restart`` is given. Multi-run experiments (``ablation``, ``cv5``) put each
+run in ``<workdir>/<run>`` and write a comparison report; their runs share compiled programs
+through the persistent compilation cache (on by default, :mod:`unet_jax.compile_cache`).
+``--seeds 0,1,2`` repeats every run once per seed (sub-folders ``seed<N>``; the comparison
+report shows the seed-to-seed spread of each setting); with ``--set pack_runs=true`` a run's
+seeds train side by side in one program (:func:`unet_jax.train.train_runs`; it pays on
+accelerators: ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import json
 import os
 import re
 import sys
@@ -73,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--compile_cache",
         metavar="DIR",
-        help="persistent XLA compilation cache folder, or 'none' to turn it off (default: "
+        help="persistent XLA compilation cache folder, or 'none' or '' to turn it off (default: "
         "$UNET_JAX_COMPILE_CACHE, else ~/.cache/unet_jax/xla)",
     )
     parser.add_argument(
@@ -111,7 +116,11 @@ def resolve(name: str, args: argparse.Namespace) -> dict[str, Config]:
             raise ValueError(f"unknown sub-run(s) {unknown} of {name}; valid: {', '.join(runs)}")
         runs = {k: v for k, v in runs.items() if k in args.only}
     runs = {k: override(c, changes) for k, c in runs.items()}
-    if args.seeds:
+    if args.seeds is not None:
+        if not args.seeds.strip(" ,"):
+            raise ValueError(
+                f"--seeds needs at least one integer (e.g. --seeds 0,1,2), got {args.seeds!r}"
+            )
         try:
             seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
         except ValueError:
@@ -147,6 +156,25 @@ def groups(runs: dict[str, Config]) -> list[list[str]]:
         else:
             out.append([name])
     return out
+
+
+def config_line(exp: str, run_name: str, config: Config, workdir: Path, multi: bool) -> str:
+    """The one line that introduces a run: where it goes and the fields in which its config
+    differs from the experiment's (``--set``, ``--seeds``, ``--data_dir``, ``--manual_dir``);
+    the whole config is in ``<workdir>/config.json``."""
+    setting = run_name.rsplit("/seed", 1)[0] if configs.is_multi_run(exp) else exp
+    default = configs.get_configs(exp)[setting].to_dict()
+    # The name follows the seed; the seed itself is listed.
+    changed = [
+        f"{k}={json.dumps(v)}"
+        for k, v in config.to_dict().items()
+        if k != "name" and json.dumps(v) != json.dumps(default.get(k))
+    ]
+    what = f"with {', '.join(changed)}" if changed else "unchanged"
+    label = f"{exp}/{run_name}" if multi else exp
+    defined = exp if setting == exp else f"{exp}/{setting}"
+    full = workdir / "config.json"
+    return f"=== {label} -> {workdir}: the {defined} config {what} (all fields: {full})"
 
 
 def _write_report(config: Config, workdir: Path) -> None:
@@ -188,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from unet_jax.train import train_runs
 
     root = Path(args.workdir or Path("runs") / args.exp)
-    multi = configs.is_multi_run(args.exp) or bool(args.seeds)
+    multi = configs.is_multi_run(args.exp) or args.seeds is not None
     run_dirs = {name: root / name if multi else root for name in runs}
     grouped = groups(runs)
     if any(c.pack_runs for c in runs.values()) and all(len(g) == 1 for g in grouped):
@@ -198,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for group in grouped:
         for run_name in group:
-            label = f"{args.exp}{'/' + run_name if multi else ''}"
-            print(f"=== {label} -> {run_dirs[run_name]}\n{runs[run_name].to_json()}")
+            print(config_line(args.exp, run_name, runs[run_name], run_dirs[run_name], multi))
         if len(group) > 1:
             print(f"=== packed: {', '.join(group)} train side by side in one program")
         group_configs = [runs[n] for n in group]

@@ -92,8 +92,33 @@ def test_latest_and_best_managers(tmp_path):
     loaded, _, meta = load_model(tmp_path, step=5)
     assert meta["step"] == 5
     _assert_same(model_to_pure(loaded), models[3])
-    with pytest.raises(CheckpointError, match="no checkpoint for step 2"):
+    with pytest.raises(CheckpointError, match="no checkpoint for step 2") as e:
         load_model(tmp_path, step=2)  # only the most recent is kept besides the best
+    # ... and the error names the steps there are, newest first, marked.
+    assert_one_line(e.value, f"under {tmp_path.absolute()} (steps: 5 (latest), 4 (best))")
+
+
+def test_a_missing_step_is_named_with_the_steps_there_are(tmp_path):
+    # Two kept latest steps, the newest also the best; and a model-only checkpoint's one step.
+    ckpts = TrainCheckpoints(tmp_path / "run", keep_latest=2)
+    for step, metric in [(1, 0.5), (2, 0.4), (3, 0.6)]:
+        meta = {"epoch": step, "metrics": {"val_dsc": metric}}
+        ckpts.save(step, model_to_pure(_model(step)), _opt(step), CONFIG, meta, metric=metric)
+    ckpts.close()
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "run", step=999)
+    run = (tmp_path / "run").absolute()
+    assert_one_line(e.value, f"no checkpoint for step 999 under {run} (steps: 3 (latest, best), 2)")
+    save_model_checkpoint(tmp_path / "m", _model(1), CONFIG, step=7)
+    with pytest.raises(CheckpointError) as e:
+        load_model(tmp_path / "m", step=3)
+    assert_one_line(
+        e.value, f"no checkpoint for step 3 under {(tmp_path / 'm').absolute()} (steps: 7)"
+    )
+    # A folder with no steps at all is not a checkpoint, whatever the step asked for.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no unet_jax checkpoint"):
+        load_model(tmp_path / "empty", step=3)
 
 
 def test_what_is_not_a_checkpoint(tmp_path):

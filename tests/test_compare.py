@@ -206,3 +206,29 @@ def test_run_summary_falls_back_to_the_logged_hd95(tmp_path: Path):
     old = make_workdir(tmp_path / "old", with_predictions=False, old_format=True)
     s = compare.run_summary(rundata.load_run(old, predictions=False))
     assert s["mean_hd95"] is None and s["mean_avd"] is None and s["hd95_defined"] is None
+
+
+def test_the_seeds_of_a_single_run_experiment_are_one_setting(tmp_path: Path):
+    # `experiments.run --exp=cpu_quick --seeds 0,1,2` names its runs seed0, seed1, seed2 (no
+    # "<setting>/"): they repeat one setting, shown under the comparison's title.
+    base = Config(name="cpu_quick")
+    dirs = {
+        f"seed{s}": make_workdir(
+            tmp_path / f"seed{s}", seed=s, config=base.replace(seed=s), dsc_offsets=(0.02 * s, 0, 0)
+        )
+        for s in (0, 1, 2)
+    }
+    runs = {n: rundata.load_run(d) for n, d in dirs.items()}
+    assert compare.seed_groups(runs, single="cpu_quick") == {"cpu_quick": list(dirs)}
+    assert compare.seed_setting("run1/seed-3") == "run1"
+    assert compare.seed_setting("fold2") == "fold2"
+    text = compare.compare_runs(tmp_path, dirs, "cpu_quick").read_text()
+    section = text.split("## Seeds: spread of each setting")[1].split("\n## ")[0]
+    rows = {k: v for k, v in _table_rows(section).items() if k != "setting"}
+    means = []
+    for d in dirs.values():
+        with open(d / "per_patient.csv") as f:
+            means.append(np.mean([float(r["dsc_lcc"]) for r in csv.DictReader(f)]))
+    assert list(rows) == ["cpu_quick"] and rows["cpu_quick"][1] == "3"
+    assert float(rows["cpu_quick"][2]) == pytest.approx(np.mean(means), abs=6e-5)
+    assert float(rows["cpu_quick"][3]) == pytest.approx(np.std(means, ddof=1), abs=6e-5)

@@ -1,6 +1,7 @@
 """`python -m experiments.run`: the smoke experiment end to end, and its error paths."""
 
 import csv
+import json
 import re
 
 import numpy as np
@@ -195,3 +196,133 @@ def test_known_failures_map_to_one_line_and_an_exit_code(tmp_path):
     assert failure(CheckpointError("damaged\nfolder"), [tmp_path]) == ("damaged folder", 2)
     assert failure(DivergedError("diverged"), [tmp_path]) == ("diverged", 1)
     assert failure(ZeroDivisionError("a bug"), [tmp_path]) is None  # keeps its traceback
+
+
+def _fake_training(monkeypatch):
+    """experiments.run's training replaced by fabricated run folders (tests/_fake_run.py): the
+    command's own work (configs, lines, comparison) without training."""
+    from pathlib import Path
+
+    import experiments.run as run_cli
+    import unet_jax.train
+    from _fake_run import make_workdir
+
+    def train_runs(configs, workdirs, **_):
+        for config, workdir in zip(configs, workdirs):
+            offset = 0.02 * config.seed
+            make_workdir(
+                Path(workdir), seed=config.seed, config=config, dsc_offsets=(offset, 0.0, offset)
+            )
+
+    monkeypatch.setattr(unet_jax.train, "train_runs", train_runs)
+    monkeypatch.setattr(run_cli, "_write_report", lambda config, workdir: None)
+
+
+def test_seeds_of_a_single_run_experiment_get_the_seed_spread_table(tmp_path, monkeypatch, capsys):
+    # Issue: `--exp=cpu_quick --seeds 0,1` wrote a comparison without the promised "seeds:
+    # spread" section (its runs are named seed0, seed1: no "<setting>/seed<N>"). Each run is
+    # announced in one line naming what differs from the experiment's config (not 45 lines of
+    # JSON; the whole config is in config.json).
+    _fake_training(monkeypatch)
+    assert main(["--exp=cpu_quick", "--seeds", "0,1", "--workdir", str(tmp_path)]) == 0
+    text = (tmp_path / "report" / "comparison.md").read_text()
+    assert "## Seeds: spread of each setting" in text
+    section = text.split("## Seeds")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| cpu_quick |")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    means = []
+    for s in (0, 1):
+        with open(tmp_path / f"seed{s}" / "per_patient.csv") as f:
+            means.append(np.mean([float(r["dsc_lcc"]) for r in csv.DictReader(f)]))
+    assert cells[1] == "2"
+    assert float(cells[2]) == pytest.approx(np.mean(means), abs=6e-5)
+    assert float(cells[3]) == pytest.approx(np.std(means, ddof=1), abs=6e-5)
+    out = capsys.readouterr().out.splitlines()
+    announced = [line for line in out if line.startswith("=== ")]
+    assert announced == [
+        f"=== cpu_quick/seed{s} -> {tmp_path / f'seed{s}'}: the cpu_quick config with "
+        f"seed={s} (all fields: {tmp_path / f'seed{s}' / 'config.json'})"
+        for s in (0, 1)
+    ]
+    assert not any(line.lstrip().startswith(("{", '"')) for line in out)  # no JSON
+
+
+def test_config_line_names_the_overrides_of_a_sub_run(tmp_path):
+    from experiments.run import config_line, parse_args, resolve
+
+    args = parse_args(["--exp=ablation", "--only", "lr1e-3", "--set", "epochs=2", "--seeds", "3"])
+    ((name, config),) = resolve("ablation", args).items()
+    line = config_line("ablation", name, config, tmp_path / name, multi=True)
+    assert line == (
+        f"=== ablation/lr1e-3/seed3 -> {tmp_path / name}: the ablation/lr1e-3 config with "
+        f"epochs=2, seed=3 (all fields: {tmp_path / name / 'config.json'})"
+    )
+    config = resolve("smoke", parse_args(["--exp=smoke"]))["smoke"]
+    assert config_line("smoke", "smoke", config, tmp_path, multi=False) == (
+        f"=== smoke -> {tmp_path}: the smoke config unchanged (all fields: "
+        f"{tmp_path / 'config.json'})"
+    )
+
+
+def test_empty_seeds_are_refused_in_one_line(tmp_path, capsys):
+    # Issue: `--seeds ""` was ignored (one seed-42 run, exit 0), unlike other bad seeds.
+    assert main(["--exp=smoke", "--seeds", "", "--workdir", str(tmp_path / "wd")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --seeds") and "''" in err[0]
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.slow
+def test_output_to_a_file_gets_a_line_per_epoch_and_no_terminal_noise(tmp_path):
+    # Issue: `python -m experiments.run --exp=smoke > log 2>&1` logged the config (~45 lines of
+    # JSON), TFDS's progress bars (carriage returns, ESC[A), nothing per epoch, and a `done:`
+    # DSC with 17 digits. A small smoke run with stdout and stderr to a pipe (not a terminal).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    wd = tmp_path / "smoke"
+    sets = {"epochs": "3", "image_size": "64", "features": "4", "synthetic_patients": "6",
+            "synthetic_slices": "8,10", "num_folds": "3", "write_report": "false"}  # fmt: skip
+    command = [sys.executable, "-m", "experiments.run", "--exp=smoke", "--workdir", str(wd)]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    done = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"},
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:]
+    assert "\r" not in out and "\x1b" not in out, out  # no progress bar's redraws
+    assert "WARNING:absl" not in out
+    lines = out.splitlines()
+    config_lines = [line for line in lines if line.startswith("=== smoke")]
+    assert config_lines == [
+        f"=== smoke -> {wd}: the smoke config with synthetic_patients=6, synthetic_slices=[8, "
+        "10], image_size=64, num_folds=3, features=4, epochs=3, write_report=false (all fields: "
+        f"{wd / 'config.json'})"
+    ]
+    assert not any(line.lstrip().startswith(("{", '"')) for line in lines)
+    epoch = re.compile(
+        r"smoke: epoch (\d)/3, step (\d+)/(\d+): train loss (\d\.\d{4}), val DSC (\d\.\d{4}), "
+        r"best (\d\.\d{4})( \(this epoch\))?, (\d+\.\d) images/s, elapsed \d:\d\d:\d\d, "
+        r"ETA (\d:\d\d:\d\d|\?)"
+    )
+    found = [m for m in map(epoch.fullmatch, lines) if m]
+    evals = [json.loads(ln) for ln in (wd / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["type"] == "eval"]
+    assert [int(m[1]) for m in found] == [r["epoch"] for r in evals] == [1, 2, 3]
+    best = 0.0
+    for m, record in zip(found, evals):
+        assert int(m[2]) == record["step"] and int(m[3]) == evals[-1]["step"]
+        assert m[5] == f"{record['val_dsc']:.4f}"
+        best = max(best, record["val_dsc"])
+        assert m[6] == f"{best:.4f}" and bool(m[7]) == record["best"]
+    assert lines.index(found[-1][0]) < next(
+        i for i, ln in enumerate(lines) if ln.startswith("done:")
+    )
+    last = re.search(r"^done: smoke: 9 steps, best validation DSC (\S+), last (\S+) — ", out, re.M)
+    assert last, out
+    assert last[1] == str(round(best, 4)) and last[2] == str(round(evals[-1]["val_dsc"], 4))

@@ -344,3 +344,25 @@ def test_the_zip_archive_itself_as_manual_dir(zip_download, synthetic_tfds_dir, 
             ensure_built(bad, tmp_path / "wd")
         assert str(path) in str(err.value) and what in str(err.value)
         assert "\n" not in str(err.value)
+
+
+def test_tfds_progress_bars_only_on_a_terminal(tmp_path, capfd, monkeypatch):
+    # Issue: with output to a file, TFDS's progress bars left carriage returns and ESC[A cursor
+    # moves in it. A build with stderr not a terminal (pytest's capture) draws none; on a
+    # terminal TFDS's bars stay on; TFDS's switch is set back after each build.
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    seen = []
+    inner = xdata.build
+
+    def spy(*args, **kwargs):
+        seen.append(tqdm_utils._active)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(xdata, "build", spy)
+    ensure_built(synthetic_config(), tmp_path / "file")
+    err = capfd.readouterr().err
+    assert "\r" not in err and "\x1b" not in err and "examples/s" not in err, err
+    monkeypatch.setattr(xdata, "_is_terminal", lambda stream: True)
+    ensure_built(synthetic_config(), tmp_path / "terminal")
+    assert seen == [False, True] and tqdm_utils._active is True

@@ -521,7 +521,7 @@ def test_ctrl_c_of_the_command_is_one_line_and_leaves_nothing(manual, tmp_path):
     child, fd = _start_blocked_build(manual, tmp_path / "d", workers=2)
     try:
         os.killpg(child.pid, signal.SIGINT)
-        out, err = child.communicate(timeout=60)
+        out, err = child.communicate(timeout=240)
     finally:
         os.close(fd)
         with contextlib.suppress(ProcessLookupError):
@@ -542,7 +542,7 @@ def test_leftovers_of_a_killed_build_are_removed_by_the_next(
     data_dir = tmp_path / "d"
     child, fd = _start_blocked_build(manual, data_dir, workers=0)
     os.killpg(child.pid, signal.SIGKILL)
-    child.communicate(timeout=60)
+    child.communicate(timeout=240)
     os.close(fd)
     leftovers = list((data_dir / NAME / "raw").glob("incomplete.*"))
     assert len(leftovers) == 1 and leftovers[0].is_dir()

@@ -235,6 +235,56 @@ def test_masks_overlays_gifs_in_each_inputs_own_geometry(run_lcc, data):
     assert any("single-channel" in s for s in settings["notices"])
 
 
+def test_per_slice_dsc_is_the_written_mask_against_its_truth(run_lcc, data):
+    """Each slice with a mask beside it: its DSC and accuracy in its own geometry, of the mask
+    PNG written against the truth (empty against empty: 1.0); blank without a mask."""
+    rows = [r for r in _read_csv(run_lcc) if r["level"] == "slice"]
+    masks: dict[str, dict[str, np.ndarray]] = {}
+    both_empty = partial = 0
+    for r in rows:
+        path = Path(r["input"])
+        found = sorted(path.parent.glob(f"{path.stem}_mask.*"))
+        if not found:
+            assert r["volume"] == "flair" and r["dsc"] == r["accuracy"] == r["true_pixels"] == ""
+            continue
+        truth = read_image(found[0]) > 0
+        pred = masks.setdefault(r["volume"], _masks(run_lcc, r["volume"]))[path.stem]
+        assert pred.shape == truth.shape == (int(r["height"]), int(r["width"]))
+        total = int(pred.sum()) + int(truth.sum())
+        dsc = 1.0 if total == 0 else 2 * int((pred & truth).sum()) / total
+        assert float(r["dsc"]) == pytest.approx(dsc, abs=1e-6), r
+        assert float(r["accuracy"]) == pytest.approx(float((pred == truth).mean()), abs=1e-6)
+        assert int(r["true_pixels"]) == int(truth.sum())
+        both_empty += total == 0
+        partial += 0 < dsc < 1
+    assert both_empty and partial  # the convention and the overlap are both exercised
+
+
+def test_overlay_colours_are_in_legend_png_and_below_each_gif_frame(run_lcc):
+    from unet_jax import overlays
+
+    # The overlays keep the slice's size (test above): the legend is a file of its own, and each
+    # overlay names the colours in its PNG text.
+    with Image.open(run_lcc / "legend.png") as im:
+        assert im.format == "PNG" and im.info["Description"] == overlays.LEGEND_TEXT
+        legend = np.asarray(im.convert("RGB"))
+    for _, colour in overlays.LEGEND:
+        assert (legend == colour).all(axis=-1).sum() == 4 * 100  # a 10x10 square, upscaled 2x
+    for png in run_lcc.glob("*/*_overlay.png"):
+        with Image.open(png) as im:
+            assert im.info["Description"] == overlays.LEGEND_TEXT
+    # The GIF of the 120x88 patient: upscaled 3x to 360x264, the legend strip below.
+    with Image.open(run_lcc / "NSQ" / "NSQ.gif") as gif:
+        assert gif.size == (264, 360 + overlays.LEGEND_HEIGHT)
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            strip = np.asarray(gif.convert("RGB"))[360:].astype(int)
+            r, g, b = strip[..., 0], strip[..., 1], strip[..., 2]
+            assert ((r > 200) & (g < 60) & (b < 60)).sum() >= 90  # the red square
+            assert ((g > 200) & (r < 60) & (b < 60)).sum() >= 90  # green
+            assert ((r > 200) & (g > 200) & (b < 60)).sum() >= 90  # yellow
+
+
 def test_dropped_slices_are_empty_and_masks_stay_in_the_crop(run_lcc, data):
     """Baseline config: the first and last slice are never processed and come back empty, and
     predictions lie inside the crop box, computed here from the thresholded kept slices."""
@@ -316,7 +366,7 @@ def test_a_folder_gives_the_same_result_as_its_slices_given_one_by_one(checkpoin
     assert _read_csv(out_a) == _read_csv(out_b)
     names_a = sorted(p.relative_to(out_a).as_posix() for p in out_a.rglob("*") if p.is_file())
     names_b = sorted(p.relative_to(out_b).as_posix() for p in out_b.rglob("*") if p.is_file())
-    assert names_a == names_b and len(names_a) == 2 * 7 + 3
+    assert names_a == names_b and len(names_a) == 2 * 7 + 4  # + GIF, CSV, JSON, legend
     for name in names_a:
         if name.endswith(".png"):
             np.testing.assert_array_equal(read_image(out_a / name), read_image(out_b / name))
@@ -416,6 +466,44 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(checkpoint, data, tmp_pa
         ["--checkpoint", str(tmp_path / "missing"), "--input", str(data["lone"])],
         tmp_path / "o8",
         "does not exist",
+    )
+
+
+def test_a_folder_without_slices_says_what_it_holds(checkpoint, data, tmp_path, capsys):
+    ck = ["--checkpoint", str(checkpoint), "--input"]
+    jpgs = tmp_path / "jpgs"
+    jpgs.mkdir()
+    (jpgs / "photo_1.jpg").write_bytes(b"x")
+    (jpgs / ".DS_Store").write_bytes(b"x")  # hidden: not counted
+    _fails(
+        capsys,
+        ck + [str(jpgs)],
+        tmp_path / "o1",
+        f"error: no slice files in {jpgs}: found 1 .jpg file; predict reads .tif/.tiff/.png "
+        "slices (not *_mask) in a folder or in patient folders in it",
+    )
+    # A kaggle_3m-like root whose patient folders hold other files, and a mask.
+    root = tmp_path / "root"
+    for p in ("P1", "P2"):
+        (root / p).mkdir(parents=True)
+        (root / p / f"{p}_1.jpg").write_bytes(b"x")
+    (root / "P1" / "notes.txt").write_text("x")
+    (root / "P2" / "P2_1_mask.tif").write_bytes(b"x")
+    _fails(
+        capsys,
+        ck + [str(root)],
+        tmp_path / "o2",
+        f"no slice files in {root} nor in the 2 folders in it: found 2 .jpg files, "
+        "1 .txt file, 1 *_mask file (ground truth, not slices); predict reads .tif/.tiff/.png",
+    )
+
+
+def test_a_step_that_does_not_exist_names_those_that_do(two_steps, data, tmp_path, capsys):
+    _fails(
+        capsys,
+        ["--checkpoint", str(two_steps), "--step", "999", "--input", str(data["lone"])],
+        tmp_path / "o",
+        f"error: no checkpoint for step 999 under {two_steps.absolute()} (steps: 1, 0)\n",
     )
 
 

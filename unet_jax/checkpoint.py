@@ -138,6 +138,25 @@ def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:
     )
 
 
+def _drop_orbax_read_only_notes(record: logging.LogRecord) -> bool:
+    """absl log filter: False for the warnings Orbax logs whenever a checkpoint is opened
+    read-only (as loading one does: "CheckpointManagerOptions.read_only=True, setting ...",
+    "Given directory is read only=..."), four per load: notes, not problems."""
+    message = record.getMessage()
+    return not (
+        record.levelno == logging.WARNING
+        and "orbax" in record.pathname
+        and (
+            "read_only=True, setting" in message
+            or message.startswith("Given directory is read only")
+        )
+    )
+
+
+# Installed on import: loading a checkpoint opens it read-only before anything else here runs.
+logging.getLogger("absl").addFilter(_drop_orbax_read_only_notes)
+
+
 def build_model(config: Config, seed: int = 0) -> UNet:
     """A freshly initialised UNet for ``config``'s model settings."""
     return UNet(
@@ -376,29 +395,50 @@ def save_model_checkpoint(
 
 
 def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
-    """Find the Orbax manager directory and step for a workdir or a checkpoint directory."""
+    """Find the Orbax manager directory and step for a workdir or a checkpoint directory.
+
+    A ``step`` that is in neither manager is a :class:`CheckpointError` listing the steps that
+    are, newest first, each marked ``latest`` and/or ``best`` where it is that (e.g. ``no
+    checkpoint for step 999 under RUN (steps: 152 (latest), 133, 114 (best))``).
+    """
     root = path / CHECKPOINTS_DIRNAME
+
+    def best_step(directory: Path, steps: list[int]) -> int:
+        # Ranked by the metrics the best manager saved; the newest step when it has none.
+        mngr = _best_manager(directory, read_only=True)
+        best = mngr.best_step()
+        mngr.close()
+        return best if best is not None else steps[-1]
+
     candidates = [root / "best", root / "latest", path]
     if step is not None:
         # An explicit step may be in either manager of a workdir.
         candidates = [root / "latest", root / "best", path]
+    found: dict[Path, list[int]] = {}
     for directory in candidates:
         if not directory.is_dir():
             continue
         steps = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
         if not steps:
             continue
+        found[directory] = steps
         if step is None:
             if directory.name == "best":
-                mngr = _best_manager(directory, read_only=True)
-                best = mngr.best_step()
-                mngr.close()
-                return directory, best if best is not None else steps[-1]
+                return directory, best_step(directory, steps)
             return directory, steps[-1]
         if step in steps:
             return directory, step
-    if step is not None:
-        raise CheckpointError(f"no checkpoint for step {step} under {path}")
+    if step is not None and found:
+        marks: dict[int, list[str]] = {s: [] for steps in found.values() for s in steps}
+        if root / "latest" in found:
+            marks[found[root / "latest"][-1]].append("latest")
+        if root / "best" in found:
+            marks[best_step(root / "best", found[root / "best"])].append("best")
+        listed = ", ".join(
+            f"{s} ({', '.join(marks[s])})" if marks[s] else str(s)
+            for s in sorted(marks, reverse=True)
+        )
+        raise CheckpointError(f"no checkpoint for step {step} under {path} (steps: {listed})")
     raise CheckpointError(
         f"{path} holds no unet_jax checkpoint (expected a training workdir with checkpoints/, or a "
         "directory written by `python -m unet_jax.convert`)"

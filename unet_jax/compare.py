@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "pooled_per_patient",
     "run_summary",
     "seed_groups",
+    "seed_setting",
 ]
 
 _FIGURES = ("comparison_dsc.png", "comparison_curves.png", "pooled_dsc.png")
@@ -135,13 +137,28 @@ def pooled_per_patient(runs: Mapping[str, RunData]) -> tuple[list[dict[str, Any]
     return pooled, sorted(p for p, c in counts.items() if c > 1)
 
 
-def seed_groups(runs: Mapping[str, RunData]) -> dict[str, list[str]]:
+#: A run name of ``experiments.run --seeds``: ``<setting>/seed<N>`` for the sub-runs of a
+#: multi-run experiment, plain ``seed<N>`` for a single-run experiment's seeds.
+_SEED_RUN = re.compile(r"(?:(?P<setting>.+)/)?seed-?\d+")
+
+
+def seed_setting(name: str, single: str = "all seeds") -> str:
+    """The setting a run name repeats: its name up to ``/seed<N>``, ``single`` for a bare
+    ``seed<N>`` (the seeds of a single-run experiment), else the whole name."""
+    found = _SEED_RUN.fullmatch(name)
+    if found is None:
+        return name
+    return found["setting"] if found["setting"] is not None else single
+
+
+def seed_groups(runs: Mapping[str, RunData], single: str = "all seeds") -> dict[str, list[str]]:
     """Runs that repeat one setting with other seeds (``experiments.run --seeds``): ``{setting:
     [run names]}`` for settings with at least two runs whose configs differ only in ``name``
-    and ``seed``. A run's setting is its name up to ``/seed<N>`` (or the whole name)."""
+    and ``seed``. A run's setting is :func:`seed_setting` of its name: the seeds of a
+    single-run experiment (``seed0``, ``seed1``, ...) form one setting, named ``single``."""
     groups: dict[str, list[str]] = {}
     for name in runs:
-        groups.setdefault(name.rsplit("/seed", 1)[0], []).append(name)
+        groups.setdefault(seed_setting(name, single), []).append(name)
     out = {}
     for setting, names in groups.items():
         configs = {n: runs[n].config for n in names}
@@ -153,10 +170,13 @@ def seed_groups(runs: Mapping[str, RunData]) -> dict[str, list[str]]:
     return out
 
 
-def _seed_lines(runs: Mapping[str, RunData], summaries: Mapping[str, dict]) -> list[str]:
+def _seed_lines(
+    runs: Mapping[str, RunData], summaries: Mapping[str, dict], title: str
+) -> list[str]:
     """The seed-to-seed spread of each repeated setting: what a difference between settings
-    must exceed before it means anything."""
-    groups = seed_groups(runs)
+    must exceed before it means anything (the seeds of a single-run experiment are the
+    setting ``title``)."""
+    groups = seed_groups(runs, single=title)
     if not groups:
         return []
     rows = []
@@ -280,7 +300,7 @@ def compare_runs(
         "",
     ]
     lines += md_table(header, rows) + [""]
-    lines += _seed_lines(runs, dict(zip(names, summaries)))
+    lines += _seed_lines(runs, dict(zip(names, summaries)), title)
 
     figures: list[tuple[str, str]] = []
     if any(s["patient_dsc"] or is_finite_number(s["mean_dsc"]) for s in summaries):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import sys
 import threading
@@ -86,22 +85,145 @@ class NonFiniteLossError(DivergedError):
     """The training loss became NaN or infinite; names the step and epoch."""
 
 
-class _Progress:
-    """tqdm progress bar with loss, images/s and ETA (quiet when not a terminal or in tests)."""
+#: Seconds between heartbeat lines within an epoch when the output is not a terminal (see
+#: :class:`_Progress`); read when a run checks, so a test can shorten it.
+HEARTBEAT_SECONDS = 60.0
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+
+def _output_is_terminal() -> bool:
+    """Whether stderr, where the progress bar draws, is a terminal."""
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, OSError, ValueError):  # a replaced or closed stream
+        return False
+
+
+def _duration(seconds: float) -> str:
+    """``H:MM:SS``."""
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """What a run shows while it trains (process 0 only).
+
+    ``mode`` ``"bar"`` (the default on a terminal): a tqdm bar on stderr with the loss,
+    images/s and ETA. ``"lines"`` (the default when stderr is not a terminal: a log file,
+    nohup, a scheduler, CI, a notebook): plain lines on stdout, one per evaluated epoch once
+    its evaluation is complete (epoch, step, the epoch's mean training loss, validation DSC, best
+    so far, images/s, elapsed time, ETA) and, within epochs, a heartbeat line when none was
+    printed for :data:`HEARTBEAT_SECONDS` (on the host loop, where steps go one by one; a
+    whole-epoch dispatch is one step for it). ``None``: nothing (tests).
+
+    Rates leave out compile time (JAX's compile events), so the first epoch's images/s and the
+    ETA do not count the one-off compilation.
+    """
+
+    def __init__(
+        self,
+        mode: str | None,
+        *,
+        name: str,
+        total: int,
+        initial: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        started: float,
+    ):
+        self.mode, self.name, self.total = mode, name, total
+        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
+        self.started = started  # perf_counter() when the command's training call began
         self.bar = None
-        if enabled:
+        if mode == "bar":
             from tqdm import tqdm
 
             self.bar = tqdm(
                 total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0
             )
+        now, compiled = time.perf_counter(), compile_seconds()
+        # This call's training (for the ETA) and the current epoch (for its images/s).
+        self.run_start = (now, compiled, initial)
+        self.epoch_start = (now, compiled, initial)
+        self.last_line = now
 
     def update(self, n: int, **postfix) -> None:
         if self.bar is not None:
             self.bar.update(n)
             self.bar.set_postfix(postfix, refresh=False)
+
+    def _rate(self, start: tuple[float, float, int], step: int, now: float) -> float | None:
+        """Steps per second since ``start`` (compile time left out), or None before a step."""
+        t0, compiled, step0 = start
+        seconds = now - t0 - (compile_seconds() - compiled)
+        if seconds <= 0:  # compiles on another thread overlapped this one's time
+            seconds = now - t0
+        return (step - step0) / seconds if step > step0 and seconds > 0 else None
+
+    def _eta(self, step: int, now: float) -> float | None:
+        """Seconds left after step ``step`` at this call's pace so far, or None before a step."""
+        rate = self._rate(self.run_start, step, now)
+        return (self.total - step) / rate if rate else None
+
+    def _timing(self, now: float, eta: float | None) -> str:
+        return (
+            f"elapsed {_duration(now - self.started)}, ETA {'?' if eta is None else _duration(eta)}"
+        )
+
+    def _print(self, text: str) -> None:
+        # One write per line: epoch lines come from the epoch-end thread.
+        sys.stdout.write(f"{text}\n")
+        sys.stdout.flush()  # a log file sees each line at once
+        self.last_line = time.perf_counter()
+
+    def tick(self, step: int, loss: float | None) -> None:
+        """After step ``step`` within an epoch: a heartbeat line when one is due."""
+        now = time.perf_counter()
+        if self.mode != "lines" or now - self.last_line < HEARTBEAT_SECONDS:
+            return
+        epochs = -(-self.total // self.steps_per_epoch)
+        rate = self._rate(self.epoch_start, step, now)
+        images = "?" if rate is None else f"{rate * self.batch_size:.1f}"
+        self._print(
+            f"{self.name}: epoch {(step - 1) // self.steps_per_epoch + 1}/{epochs} in "
+            f"progress, step {step}/{self.total}: train loss "
+            f"{'?' if loss is None else f'{loss:.4f}'} (last fetched), {images} images/s, "
+            f"{self._timing(now, self._eta(step, now))}"
+        )
+
+    def epoch_ended(self, done: int, loss: float | None) -> dict[str, Any]:
+        """At an epoch's end (step ``done``, ``loss`` the epoch's mean training loss): the
+        numbers of its line (:meth:`evaluated`), taken now: the line comes once the evaluation
+        is complete, while the next epoch trains."""
+        now = time.perf_counter()
+        rate = self._rate(self.epoch_start, done, now)
+        self.epoch_start = (now, compile_seconds(), done)
+        return {
+            "step": done,
+            "loss": loss,
+            "images_per_s": None if rate is None else rate * self.batch_size,
+            "time": now,
+            "eta": self._eta(done, now),
+        }
+
+    def evaluated(self, ended: dict[str, Any], record: dict[str, Any], best: float | None) -> None:
+        """The line of an evaluated epoch (``ended`` from :meth:`epoch_ended`, ``record`` its
+        evaluation's log record, ``best`` the best validation DSC so far)."""
+        if self.mode != "lines":
+            return
+        now = time.perf_counter()
+        step, epochs = ended["step"], -(-self.total // self.steps_per_epoch)
+        loss, images, dsc = ended["loss"], ended["images_per_s"], record.get("val_dsc")
+        best_text = "n/a" if best is None else f"{best:.4f}"
+        if record.get("best"):
+            best_text += " (this epoch)"
+        eta = ended["eta"]
+        self._print(
+            f"{self.name}: epoch {step // self.steps_per_epoch}/{epochs}, step "
+            f"{step}/{self.total}: train loss {'?' if loss is None else f'{loss:.4f}'}, val DSC "
+            f"{'n/a' if dsc is None else f'{dsc:.4f}'}, best {best_text}, "
+            f"{'?' if images is None else f'{images:.1f}'} images/s, "
+            f"{self._timing(now, None if eta is None else max(0.0, eta - (now - ended['time'])))}"
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -143,19 +265,21 @@ class _StepLosses:
         config: Config,
         trainer: Trainer,
         log: rundir.RunLog,
-        bar: _Progress,
+        progress: _Progress,
         ckpts: TrainCheckpoints,
         workdir: Path,
     ):
         self.config = config
         self.trainer = trainer
         self.log = log
-        self.bar = bar
+        self.progress = progress
         self.ckpts = ckpts
         self.workdir = workdir
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step index, outputs)
         self.first_loss: float | None = None  # this call's first loss (the exploding check)
         self.warned = False
+        self.last_loss: float | None = None  # the newest loss fetched (heartbeat lines)
+        self.loss_sum, self.loss_count = 0.0, 0  # this epoch's losses fetched so far
         # Start of the throughput window and the steps run since (reset by each flush).
         self.window_start = time.perf_counter()
         self.window_steps = 0
@@ -174,9 +298,27 @@ class _StepLosses:
         self.pending.append((first_step, outs))
         self.window_steps += num
 
-    def flush(self, steps_done: int | None = None) -> None:
-        """Fetch the pending losses, log every ``log_every_steps``-th, each epoch's last and the
-        one of step ``steps_done`` (where training stops), and raise
+    def logged(self, step: int) -> bool:
+        """Whether the loss of step number ``step`` (1-based) gets a train line: every
+        ``log_every_steps``-th step, each epoch's last and each ``checkpoint_every_steps``-th.
+        Where a run stops (Ctrl-C) adds no line, so a resumed run logs the lines of the
+        uninterrupted one."""
+        config = self.config
+        every = config.checkpoint_every_steps
+        return (
+            step % config.log_every_steps == 0
+            or step % self.trainer.steps_per_epoch == 0
+            or bool(every and step % every == 0)
+        )
+
+    def epoch_loss(self) -> float | None:
+        """The mean training loss of the steps fetched since the last call (an epoch's)."""
+        mean = self.loss_sum / self.loss_count if self.loss_count else None
+        self.loss_sum, self.loss_count = 0.0, 0
+        return mean
+
+    def flush(self) -> None:
+        """Fetch the pending losses, log those of :meth:`logged` steps, and raise
         :class:`NonFiniteLossError` on the first non-finite one. The lines logged do not depend
         on when flushes happen (every few steps, or once per one-dispatch epoch)."""
         if not self.pending:
@@ -206,6 +348,9 @@ class _StepLosses:
                     f"last good checkpoint is step {self.ckpts.latest.latest_step()} in "
                     f"{self.workdir / rundir.CHECKPOINTS_DIRNAME}."
                 )
+            self.last_loss = loss
+            self.loss_sum += loss
+            self.loss_count += 1
             if self.first_loss is None:
                 self.first_loss = loss
             elif not self.warned and loss > max(100 * self.first_loss, 10.0):
@@ -217,11 +362,7 @@ class _StepLosses:
                     f"(learning_rate {self.config.learning_rate})",
                     file=sys.stderr,
                 )
-            if (
-                (step + 1) % self.config.log_every_steps == 0
-                or (step + 1) % steps_per_epoch == 0
-                or step + 1 == steps_done
-            ):
+            if self.logged(step + 1):
                 self.log.write(
                     {
                         "type": "train",
@@ -233,7 +374,7 @@ class _StepLosses:
                         "images_per_s": images_per_s,
                     }
                 )
-        self.bar.update(
+        self.progress.update(
             len(steps), loss=f"{float(outs[-1]['loss']):.4f}", img_s=f"{images_per_s:.1f}"
         )
         self.pending.clear()
@@ -246,7 +387,7 @@ def train_and_evaluate(
     *,
     data: tuple[SplitData, SplitData] | Callable[[], tuple[SplitData, SplitData]] | None = None,
     restart: bool = False,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` in ``workdir`` (resuming if it holds a run), evaluate every epoch,
@@ -260,7 +401,10 @@ def train_and_evaluate(
         workdir is prepared, e.g. one that builds the data set first); default: read from the
         built data set as ``config`` says (:func:`unet_jax.data.load_data`).
       restart: delete an existing run in ``workdir`` instead of resuming it.
-      progress: show a progress bar (default: when stderr is a terminal).
+      progress: what to show while training (process 0): ``None`` (the default) a progress
+        bar when stderr is a terminal, else plain lines on stdout (one per evaluated epoch, a
+        heartbeat within long epochs: :class:`_Progress`); ``True`` or ``"bar"`` the bar,
+        ``"lines"`` the lines, ``False`` nothing.
       on_epoch_end: called as ``on_epoch_end(epoch, last_eval)`` once an epoch's evaluation and
         checkpoint are complete (they run in the background while the next epoch trains, so
         the call for an evaluated epoch comes at the next epoch's end, or when training ends).
@@ -293,7 +437,7 @@ def train_runs(
     *,
     data: tuple[SplitData, SplitData] | Callable[[], tuple[SplitData, SplitData]] | None = None,
     restart: bool = False,
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train several runs that differ only in their seed side by side in one program (packed
@@ -409,8 +553,7 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
     stepper = PackedTrainer(trainers, config.pack_mode) if len(trainers) > 1 else None
     steps_per_epoch = trainers[0].steps_per_epoch
     total_steps = config.epochs * steps_per_epoch
-    if progress is None:
-        progress = os.isatty(2)
+    mode = _progress_mode(progress)
     # One evaluation program for all runs (their eval graphs are the same).
     eval_steps = (
         evaluate.make_predict_step(trainers[0].apply_eval, val, config.threshold),
@@ -420,7 +563,9 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
     runs: list[_Run] = []
     try:
         for c, w, t in zip(configs, workdirs, trainers):
-            runs.append(_Run(c, w, t, val, truth, is_main, total_steps, progress, on_epoch_end))
+            runs.append(
+                _Run(c, w, t, val, truth, is_main, total_steps, mode, on_epoch_end, t_start)
+            )
         # Signals become stop requests once there is training to save (before, they stop
         # the data build or the setup at once, which loses nothing).
         with _StopRequests() as stop:
@@ -450,15 +595,16 @@ class _Run:
         truth: np.ndarray,
         is_main: bool,
         total_steps: int,
-        progress: bool,
+        progress: str | None,
         on_epoch_end: Callable[[int, dict], None] | None,
+        started: float,
     ):
         self.config, self.workdir, self.trainer, self.is_main = config, workdir, trainer, is_main
         self.log = rundir.RunLog(workdir, is_main)
         self.background = Background()
         self.ckpts = TrainCheckpoints(workdir, keep_latest=config.keep_latest)
         self.save = Saver(self.ckpts, trainer, config)
-        self.bar: _Progress | None = None
+        self.progress: _Progress | None = None
         restored = self.ckpts.restore_latest(trainer.model_state(), trainer.optimizer_state())
         if restored is not None:
             trainer.load_state(restored[0], restored[1])
@@ -474,9 +620,17 @@ class _Run:
             # written with it: the first evaluation must count as best again).
             resume_log(self.log, self.ckpts, {"best_metric": None}, 0)
         self.trained = False  # whether this call trained any step (see summary)
-        self.bar = _Progress(total_steps, trainer.step, progress and is_main)
+        self.progress = _Progress(
+            progress if is_main else None,
+            name=config.name,
+            total=total_steps,
+            initial=trainer.step,
+            steps_per_epoch=trainer.steps_per_epoch,
+            batch_size=config.batch_size,
+            started=started,
+        )
         self.epoch_end = EpochEnd(self.save, self.log, val, truth, workdir, is_main)
-        self.losses = _StepLosses(config, trainer, self.log, self.bar, self.ckpts, workdir)
+        self.losses = _StepLosses(config, trainer, self.log, self.progress, self.ckpts, workdir)
         self.callbacks = EpochCallbacks(on_epoch_end, self.save)
         self.dispatch_s = 0.0  # main-thread time spent starting evaluations
 
@@ -487,8 +641,9 @@ class _Run:
         self.trained = True
         self.background.wait()  # the last evaluation's line precedes this epoch's train lines
         self.callbacks.run()
-        self.losses.flush(done)  # raises on a non-finite loss, before anything is saved
+        self.losses.flush()  # raises on a non-finite loss, before anything is saved
         epoch = done // self.trainer.steps_per_epoch
+        ended = self.progress.epoch_ended(done, self.losses.epoch_loss())
         if epoch % config.eval_every_epochs == 0 or done == total_steps:
             # Dispatch the evaluation on a copy of the state, then hand the host work to the
             # background thread: the next epoch's training starts at once.
@@ -500,12 +655,19 @@ class _Run:
                 self.epoch_end.val,
                 eval_steps[1],
             )
-            self.background.submit(self.epoch_end, done, epoch, state, dispatched)
+            self.background.submit(self._epoch_end, done, epoch, state, dispatched, ended)
             # The first evaluation compiles its program: that counts as compile time.
             self.dispatch_s += time.perf_counter() - t0 - (compile_seconds() - compile_before)
         elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
             self.save.latest(done)
         self.callbacks.ended(epoch, self.background.pending is None)
+
+    def _epoch_end(
+        self, done: int, epoch: int, state: dict, dispatched: list, ended: dict[str, Any]
+    ) -> None:
+        """The evaluated epoch's end (on the background thread), then its progress line."""
+        self.epoch_end(done, epoch, state, dispatched)
+        self.progress.evaluated(ended, self.save.last_eval, self.ckpts.best_metric())
 
     def finish(self, total_steps: int) -> None:
         """Training ended: wait for the last epoch end; save ``latest`` at the last step."""
@@ -521,7 +683,7 @@ class _Run:
         step = self.trainer.step
         try:
             self.background.wait()
-            self.losses.flush(step)
+            self.losses.flush()  # checks the losses; logs no line for where the run stopped
         finally:
             if self.ckpts.latest.latest_step() != step:
                 self.save.latest(step, interrupted=True)
@@ -531,8 +693,8 @@ class _Run:
             )
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.progress is not None:
+            self.progress.close()
         try:
             self.background.close()  # the last epoch's files are complete before returning
         finally:
@@ -570,7 +732,7 @@ class _Run:
         if self.is_main:
             print(
                 f"done: {self.config.name}: {self.trainer.step} steps, best validation DSC "
-                f"{best if best is None else round(best, 4)}, last {last_eval.get('val_dsc')}"
+                f"{_rounded(best)}, last {_rounded(last_eval.get('val_dsc'))}"
                 f" — {self.workdir}"
             )
         return summary
@@ -624,6 +786,7 @@ def _train_loop(
                 for index in range(step, done):
                     for run, out in zip(runs, one_step()):
                         run.losses.add(index, out)
+                        run.progress.tick(index + 1, run.losses.last_loss)
                     if index + 1 < done:
                         stop.check()  # after the epoch's last step, the epoch ends first
                     if len(first.losses) >= config.log_every_steps:
@@ -637,7 +800,7 @@ def _train_loop(
                     ):
                         for run in runs:
                             run.background.wait()
-                            run.losses.flush(index + 1)
+                            run.losses.flush()
                             run.save.latest(index + 1)
             step = done
             for run in runs:
@@ -648,6 +811,22 @@ def _train_loop(
         # A whole-epoch dispatch completes first: the checkpoint is at worst one epoch later.
         _for_each(runs, _Run.interrupted, raise_first=True)
         raise
+
+
+def _progress_mode(progress: bool | str | None) -> str | None:
+    """``train_runs``'s ``progress`` as a :class:`_Progress` mode."""
+    if progress is None:
+        return "bar" if _output_is_terminal() else "lines"
+    if progress in ("bar", "lines"):
+        return progress
+    if isinstance(progress, bool):
+        return "bar" if progress else None
+    raise ValueError(f"progress must be None, a bool, 'bar' or 'lines', got {progress!r}")
+
+
+def _rounded(value: float | None) -> float | None:
+    """A DSC as the ``done:`` line shows it (4 decimals)."""
+    return None if value is None else round(float(value), 4)
 
 
 def _for_each(runs: list[_Run], method: Callable[[_Run], None], raise_first=False) -> None:

@@ -38,21 +38,28 @@ prediction: the sigmoid probabilities at the model's size (with --tta the mean o
   --no-lcc, only the largest 3D connected component of each volume is kept.
 
 ensembles: --checkpoint A B C (or --checkpoint A --checkpoint B ...), e.g. the folds of a cv5
-  run or several seeds, and any --model given too. Every checkpoint must agree on dataset_config, image_size, in_channels
-  and out_channels (else exit 2 naming the two that differ), and on threshold unless
-  --threshold is given. --step N applies to all; --step N1 N2 ... gives one per checkpoint
-  (best: a workdir's best checkpoint).
+  run or several seeds, and any --model given too. Every checkpoint must agree on
+  dataset_config, image_size, in_channels and out_channels (else exit 2 naming the two that
+  differ), and on threshold unless --threshold is given; they may have been trained on
+  different data (the folds of cv5; only experiments.evaluate, which scores their validation
+  patients, refuses that). --step N applies to all; --step N1 N2 ... gives one per checkpoint
+  (best: a workdir's best checkpoint); a step that does not exist is named with those that do.
 
 outputs (DIR is made complete or not at all):
   <volume>/<stem>_pred.png     binary mask (0/255) in the input slice's size
-  <volume>/<stem>_overlay.png  FLAIR with prediction (red), ground truth (green), both (yellow)
-  <volume>/<volume>.gif        the volume's overlays, animated
+  <volume>/<stem>_overlay.png  FLAIR with the outlines of the prediction (red), ground truth
+                               (green), both (yellow); the input slice's size, pixel for pixel,
+                               so no legend drawn in it (its PNG Description names the colours)
+  <volume>/<volume>.gif        the volume's overlays, animated (upscaled to >= 256 px), the
+                               legend in a strip below each frame
+  legend.png                   the overlay colours
   predictions.csv              one row per slice and per volume: sizes, processed, lesion
                                pixels and fraction, true_pixels; with ground truth, dsc and
-                               accuracy in the input geometry, and dsc_model, dsc_model_lcc,
-                               accuracy_model as the training evaluation computes them, on
-                               the processed slices at the stored size (dsc_model_lcc is its
-                               per_patient.csv's dsc_lcc)
+                               accuracy in the input geometry (a slice's wherever it has a
+                               mask, empty vs empty: dsc 1; a volume's when all its slices
+                               have one), and dsc_model, dsc_model_lcc, accuracy_model as the
+                               training evaluation computes them, on the processed slices at
+                               the stored size (dsc_model_lcc is its per_patient.csv's dsc_lcc)
   predict.json                 the settings of the run
   with --format nifti (needs nibabel: pip install 'unet-jax[nifti]'), per volume also
   <volume>/<volume>_flair.nii.gz (and _pre-contrast, _post-contrast for 3-channel input)

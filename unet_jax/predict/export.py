@@ -1,6 +1,6 @@
 """Outputs of ``unet_jax.predict``: per slice the mask and overlay PNGs, per volume a GIF (and,
-with ``--format nifti``, NIfTI volumes), and ``predictions.csv``/``predict.json``, in a new
-folder made complete or not at all.
+with ``--format nifti``, NIfTI volumes), and ``predictions.csv``/``predict.json``/``legend.png``,
+in a new folder made complete or not at all.
 
 NIfTI (``--format nifti``, needs nibabel: the ``nifti`` extra), in each volume's folder:
 
@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from unet_jax.overlays import FLAIR_CHANNEL, overlay_rgb, write_overlay_gif
+from unet_jax import metrics
+from unet_jax.overlays import FLAIR_CHANNEL, overlay_rgb, png_description, write_overlay_gif
 from unet_jax.predict.inputs import PredictError, VolumeSpec
 from unet_jax.predict.predictor import VolumePrediction
 from unet_jax.rundir import unwritable_reason
@@ -142,6 +143,7 @@ def write_volume(
     images = result.loaded.images
     h, w = images.shape[1:3]
     rows, overlays = [], []
+    description = png_description()
     for k, s in enumerate(spec.slices):
         stem = s.path.stem
         Image.fromarray(result.mask[k].astype(np.uint8) * np.uint8(255)).save(
@@ -150,7 +152,8 @@ def write_volume(
         overlays.append(
             overlay_rgb(images[k, ..., FLAIR_CHANNEL], result.loaded.truth[k], result.mask[k])
         )
-        Image.fromarray(overlays[-1]).save(folder / f"{stem}_overlay.png")
+        # The slice's size, pixel for pixel: the colours are in legend.png and in words here.
+        Image.fromarray(overlays[-1]).save(folder / f"{stem}_overlay.png", pnginfo=description)
         lesion = int(result.mask[k].sum())
         row = {
             "volume": spec.name,
@@ -166,7 +169,11 @@ def write_volume(
             "lesion_fraction": lesion / (h * w),
         }
         if result.loaded.has_truth[k]:
-            row["true_pixels"] = int(result.loaded.truth[k].sum())
+            # In the slice's own geometry, the written mask against its truth (empty against
+            # empty: DSC 1.0, the project's convention).
+            counted = metrics.counted_metrics(result.mask[k], result.loaded.truth[k])
+            row["true_pixels"] = int(counted["true_pixels"])
+            row["dsc"], row["accuracy"] = counted["dsc"], counted["accuracy"]
         rows.append(row)
     numbers = [k + 1 if s.number is None else s.number for k, s in enumerate(spec.slices)]
     write_overlay_gif(overlays, numbers, folder / f"{spec.name}.gif")

@@ -132,6 +132,45 @@ def _folder_contents(folder: Path) -> tuple[list[Path], list[Path]]:
     return images, dirs
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def _no_slices_message(folder: Path, dirs: Sequence[Path]) -> str:
+    """Why a folder gave no volume: what it (and its sub-folders, where patient folders would
+    be) holds instead, and what is read."""
+    supported = "/".join(IMAGE_EXTENSIONS)
+    counts: collections.Counter[str] = collections.Counter()
+    masks = 0
+    for d in [folder, *dirs]:
+        try:
+            entries = list(d.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            if is_hidden(p.name) or not p.is_file():
+                continue
+            if _is_image(p):  # not a slice, so a mask
+                masks += 1
+            else:
+                counts[p.suffix.lower() or "(no extension)"] += 1
+    found = [
+        _plural(n, f"{ext} file")
+        for ext, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    ]
+    if len(found) > 4:
+        found = found[:3] + [f"files of {len(found) - 3} other types"]
+    if masks:
+        found.append(_plural(masks, "*_mask file") + " (ground truth, not slices)")
+    reads = f"predict reads {supported} slices (not *_mask) in a folder or in patient folders in it"
+    if not found:
+        if not dirs:
+            return f"{folder}: empty folder; {reads}"
+        return f"{folder}: no files in it nor in the {_plural(len(dirs), 'folder')} in it; {reads}"
+    where = f"{folder} nor in the {_plural(len(dirs), 'folder')} in it" if dirs else str(folder)
+    return f"no slice files in {where}: found {', '.join(found)}; {reads}"
+
+
 def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[VolumeSpec], list[str]]:
     """Turn the ``--input`` paths into volumes (sorted by name), checking names only.
 
@@ -170,10 +209,7 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[VolumeSpec], lis
             if sub_images:
                 found.append(_patient_folder(d, sub_images))
         if not found:
-            raise PredictError(
-                f"{path}: empty folder: no slices ({', '.join(IMAGE_EXTENSIONS)}, not *_mask) "
-                "in it nor in patient folders inside it"
-            )
+            raise PredictError(_no_slices_message(path, dirs))
         volumes += found
     for prefix, files in loose.items():
         if len(files) == 1 and _slice_of(files[0])[1] is None:

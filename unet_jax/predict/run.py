@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from unet_jax.overlays import write_legend
 from unet_jax.predict.export import (
     FORMATS,
     check_output,
@@ -153,6 +154,7 @@ def predict(
         seconds = time.perf_counter() - t0
         with output_errors(out):
             write_table(rows, partial / "predictions.csv")
+            write_legend(partial / "legend.png")
         settings = {
             # Each member's own config (they agree on the preprocessing: see ENSEMBLE_FIELDS).
             "checkpoints": [
