@@ -141,7 +141,9 @@ def _drop_orbax_thread_errors(record: logging.LogRecord) -> bool:
 def _drop_orbax_read_only_notes(record: logging.LogRecord) -> bool:
     """absl log filter: False for the warnings Orbax logs whenever a checkpoint is opened
     read-only (as loading one does: "CheckpointManagerOptions.read_only=True, setting ...",
-    "Given directory is read only=..."), four per load: notes, not problems."""
+    "Given directory is read only=..."), four per load, and for "Metadata file does not exist"
+    when one item of a step is restored on its own (the step's metadata sits a folder up):
+    notes, not problems. A restore that does fail raises, and that error is reported."""
     message = record.getMessage()
     return not (
         record.levelno == logging.WARNING
@@ -149,6 +151,7 @@ def _drop_orbax_read_only_notes(record: logging.LogRecord) -> bool:
         and (
             "read_only=True, setting" in message
             or message.startswith("Given directory is read only")
+            or message.startswith("Metadata file does not exist")
         )
     )
 

@@ -327,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "--card", help="a JSON file of extra card fields (recipe, training data, metrics)"
     )
     args = parser.parse_args(argv)
-    import logging
-
     from unet_jax.checkpoint import CheckpointError
-
-    # Orbax reports opening a checkpoint read-only as absl warnings: noise for this command.
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
     try:
         if args.command == "list":

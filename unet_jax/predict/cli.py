@@ -173,10 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     missing = [f"--{n}" for n in ("input", "output") if not getattr(args, n)]
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
-    import logging
-
-    # Orbax reports opening a checkpoint read-only as absl warnings: noise for this command.
-    logging.getLogger("absl").setLevel(logging.ERROR)
     from unet_jax import pretrained
 
     try:
