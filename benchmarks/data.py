@@ -44,8 +44,7 @@ def load_data(
     ``SYNTHETIC``. ``patients`` keeps only the
     first that many patients.
     """
-    from unet_jax.data import DATASET, is_built
-    from unet_jax.input_pipeline import select_patients
+    from unet_jax.data import DATASET, is_built, select_patients
     from unet_jax.synthetic import disc_split
 
     if data_dir and is_built(Path(data_dir), DATASET_CONFIG):
@@ -85,7 +84,7 @@ def save_split(split, directory: str | Path) -> None:
 
 def load_saved_split(directory: str | Path):
     """Inverse of :func:`save_split`."""
-    from unet_jax.input_pipeline import SplitData
+    from unet_jax.data import SplitData
 
     d = Path(directory)
     arrays = {name: np.load(d / f"{name}.npy") for name in _SPLIT_ARRAYS}

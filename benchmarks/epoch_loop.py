@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     import jax
 
-    from unet_jax.trainer import Trainer
+    from unet_jax.train_steps import Trainer
 
     info = machine_info()
     log(format_machine(info))

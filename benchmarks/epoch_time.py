@@ -8,7 +8,7 @@ On the same data, batch size and image size, in one run, with alternating repeti
 2. ``torch_tuned``: the same with channels_last, autocast (bf16; fp16 + GradScaler on CUDA without
    bf16), ``--tuned-workers`` DataLoader workers, the losses fetched once at the end instead of
    every step, and on CUDA pinned memory and cuDNN autotuning;
-3. ``unet_jax``: the device-resident pipeline and the real ``unet_jax.trainer.Trainer`` step.
+3. ``unet_jax``: the device-resident pipeline and the real ``unet_jax.train_steps.Trainer`` step.
 
 Reported for each, median of the repetitions with the spread (min-max):
 

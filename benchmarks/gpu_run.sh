@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements as one script (one short lease of a GPU machine; any CUDA box works).
+# The GPU epoch-time measurements as one script (one short lease of a GPU machine; any CUDA box works).
 #
 #   OUT=gpu_out bash benchmarks/gpu_run.sh [quick]
 #

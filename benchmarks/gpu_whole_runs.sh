@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU measurements as two device commands of at most 560 s of steps each (a call of
+# The GPU whole-run measurements as two device commands of at most 560 s of steps each (a call of
 # at most 10 minutes holds one, with the machine's start on top):
 #
 #   OUT=gpu_out bash benchmarks/gpu_whole_runs.sh [quick]           # part 1

@@ -1,7 +1,7 @@
 """Packed runs (several seeds in one program) against the same runs one after another.
 
 ``Config.pack_runs`` (``experiments.run --seeds ... --set pack_runs=true``) trains the seeds of a
-run side by side (:class:`unet_jax.trainer.PackedTrainer`); this script measures when that pays.
+run side by side (:class:`unet_jax.train_steps.PackedTrainer`); this script measures when that pays.
 For each number of runs R it times one epoch of R runs: alone (R trainers, one after another,
 each an epoch in one dispatch), packed with ``vmap`` and packed with ``unroll``. After a
 compile-and-warm-up epoch each, the variants alternate so they see the same background load;
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace, log=print, command: str = "") -> dict[str, Any]:
     import jax
 
-    from unet_jax.trainer import PackedTrainer, Trainer
+    from unet_jax.train_steps import PackedTrainer, Trainer
 
     info = machine_info()
     log(format_machine(info))

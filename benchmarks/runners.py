@@ -1,5 +1,5 @@
 """The benchmarked implementations behind one interface: :class:`JaxRunner` (unet_jax: the
-device-resident pipeline and the real :class:`unet_jax.trainer.Trainer` step) and
+device-resident pipeline and the real :class:`unet_jax.train_steps.Trainer` step) and
 :class:`TorchRunner` (the PyTorch baseline's data path and training loop from
 ``benchmarks/torch_baseline``, as is or ``tuned``).
 
@@ -92,7 +92,7 @@ class JaxRunner:
         self.trainer = self.fixed = None
         self.flops: dict[str, float | None] = {}
         if build_trainer:
-            from unet_jax.trainer import Trainer
+            from unet_jax.train_steps import Trainer
 
             b = batch_sizes[0]
             # The augmentation is Config's default, which AUG is.

@@ -35,8 +35,14 @@ from typing import Any
 from datasets.lgg_mri_segmentation import build, data_error_in
 from unet_jax import fileio, synthetic
 from unet_jax.config import Config
-from unet_jax.data import DATASET, configured_data_dir, is_built, load_data, not_built_error
-from unet_jax.input_pipeline import SplitData
+from unet_jax.data import (
+    DATASET,
+    SplitData,
+    configured_data_dir,
+    is_built,
+    load_data,
+    not_built_error,
+)
 from unet_jax.lgg import SLICE_SIZE, LGGDataError
 
 __all__ = [

@@ -134,7 +134,7 @@ def evaluate_checkpoints(
     from experiments.data import load_run_data
     from unet_jax import evaluate
     from unet_jax.checkpoint import load_model
-    from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
+    from unet_jax.input_pipeline import make_mesh, validation_data
     from unet_jax.predict import check_ensemble
     from unet_jax.pretrained import is_model_reference
 
@@ -156,9 +156,7 @@ def evaluate_checkpoints(
     _, val_split = load_run_data(config.replace(**changes), workdir)
     mesh = make_mesh()
     size = None if config.image_size == val_split.images.shape[1] else config.image_size
-    val = ResidentData(
-        val_split, mesh, config.batch_size, config.sampling, AugmentSpec(0, 0, 0, size)
-    )
+    val = validation_data(val_split, mesh, config.batch_size, config.sampling, size)
     graphdef, *_ = nnx.split(models[0], nnx.Param, nnx.BatchStat)
     variables = [nnx.split(m, nnx.Param, nnx.BatchStat)[1:] for m in models]
 

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from experiments import configs
-from unet_jax.config import Config, field_names, override
+from unet_jax.config import Config, field_names, override, packable
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,18 +140,12 @@ def resolve(name: str, args: argparse.Namespace) -> dict[str, Config]:
 
 def groups(runs: dict[str, Config]) -> list[list[str]]:
     """The sub-runs in order, those to be packed together (``pack_runs``: runs that differ only
-    in their seed, on data that does not depend on the seed) in one group."""
-    from unet_jax.train import packable
-
+    in their seed, on data that does not depend on the seed: :func:`unet_jax.config.packable`)
+    in one group."""
     out: list[list[str]] = []
     for name, config in runs.items():
         last = out[-1] if out else None
-        if (
-            last
-            and config.pack_runs
-            and config.source != "synthetic"  # synthetic data is generated from the seed
-            and packable([runs[last[0]], config])
-        ):
+        if last and config.pack_runs and packable([*(runs[n] for n in last), config]):
             last.append(name)
         else:
             out.append([name])

@@ -2,7 +2,7 @@
 a tiny U-Net learns within a few hundred steps, and that U-Net's Config."""
 
 from unet_jax.config import Config
-from unet_jax.input_pipeline import SplitData
+from unet_jax.data import SplitData
 from unet_jax.synthetic import blob_split
 
 

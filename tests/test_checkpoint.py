@@ -16,13 +16,12 @@ from unet_jax.checkpoint import (
     FORMAT,
     CheckpointError,
     TrainCheckpoints,
-    abstract_model,
     all_finite,
     load_model,
     save_model_checkpoint,
 )
 from unet_jax.config import Config
-from unet_jax.model import load_pure, model_to_pure
+from unet_jax.model import abstract_model, load_pure, model_to_pure
 
 CONFIG = Config(name="ckpt", features=2, image_size=16)
 
@@ -54,6 +53,17 @@ def test_model_checkpoint_round_trip(tmp_path):
     assert loaded.encoder1.norm1.use_running_average  # eval mode
 
 
+def _save(ckpts, step, model_state, opt_state, meta, metric=None) -> bool:
+    """Save as training does (best first, when ``metric`` beats the best on disk, then latest);
+    returns is-best. The run's own rule is RunState's (tests/test_run_state.py)."""
+    best = ckpts.best_metric()
+    is_best = metric is not None and (best is None or metric > best)
+    if is_best:
+        ckpts.save_best(step, model_state, CONFIG, meta, metric)
+    ckpts.save_latest(step, model_state, opt_state, CONFIG, meta)
+    return is_best
+
+
 def test_latest_and_best_managers(tmp_path):
     opt = {"step": jnp.asarray(0, jnp.int32), "m": jnp.zeros(3)}
     models = {s: model_to_pure(_model(s)) for s in (1, 2, 3)}
@@ -71,7 +81,7 @@ def test_latest_and_best_managers(tmp_path):
         opt_s = {"step": jnp.asarray(step, jnp.int32), "m": jnp.full(3, float(step))}
         # As training saves: an evaluated step's meta holds its metrics.
         meta = {"epoch": step, **({"metrics": {"val_dsc": metric}} if metric else {})}
-        assert ckpts.save(step, state, opt_s, CONFIG, meta, metric=metric) is best, step
+        assert _save(ckpts, step, state, opt_s, meta, metric) is best, step
     assert ckpts.best_metric() == 0.7
     model_s, opt_s, meta = ckpts.restore_latest(models[1], opt)
     _assert_same(model_s, models[3])
@@ -103,7 +113,7 @@ def test_a_missing_step_is_named_with_the_steps_there_are(tmp_path):
     ckpts = TrainCheckpoints(tmp_path / "run", keep_latest=2)
     for step, metric in [(1, 0.5), (2, 0.4), (3, 0.6)]:
         meta = {"epoch": step, "metrics": {"val_dsc": metric}}
-        ckpts.save(step, model_to_pure(_model(step)), _opt(step), CONFIG, meta, metric=metric)
+        _save(ckpts, step, model_to_pure(_model(step)), _opt(step), meta, metric)
     ckpts.close()
     with pytest.raises(CheckpointError) as e:
         load_model(tmp_path / "run", step=999)
@@ -212,7 +222,7 @@ def test_damaged_checkpoints_for_use_are_one_line_errors(tmp_path):
     # A training workdir whose best checkpoint lost its meta: named when the run resumes.
     ckpts = TrainCheckpoints(tmp_path / "run")
     meta = {"epoch": 1, "metrics": {"val_dsc": 0.5}}
-    ckpts.save(1, model_to_pure(_model(1)), _opt(1), CONFIG, meta, metric=0.5)
+    _save(ckpts, 1, model_to_pure(_model(1)), _opt(1), meta, 0.5)
     ckpts.close()
     best = (tmp_path / "run" / "checkpoints" / "best" / "1").absolute()
     _damage(best, "meta")

@@ -194,3 +194,19 @@ def test_damaged_entries_are_replaced(tmp_path):
     assert _returned(proc) == (str(folder), len(entries), 0)
     assert _cache_lines(proc) == []
     assert proc.stderr.strip() == ""
+
+
+def test_compile_seconds_counts_compilations():
+    import jax
+    import jax.numpy as jnp
+
+    from unet_jax.compile_cache import compile_seconds
+
+    f = jax.jit(lambda x: jnp.sin(x) * 3 + 1)
+    x = jnp.ones(13, jnp.float32)
+    before = compile_seconds()
+    f(x).block_until_ready()  # traced, lowered and compiled here
+    compiled = compile_seconds()
+    assert compiled > before
+    f(x).block_until_ready()  # already compiled: nothing added
+    assert compile_seconds() == compiled

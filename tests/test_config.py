@@ -353,8 +353,8 @@ def test_choices_are_the_names_the_code_accepts():
     from unet_jax.input_pipeline import SamplerSpec
     from unet_jax.losses import LOSSES, get_loss
     from unet_jax.preprocess import MODES
-    from unet_jax.train import _device_epoch_loop
-    from unet_jax.trainer import make_schedule
+    from unet_jax.train import execution_path
+    from unet_jax.train_steps import make_schedule
 
     assert set(choices("loss")) == set(LOSSES)
     for name in choices("loss"):
@@ -365,7 +365,10 @@ def test_choices_are_the_names_the_code_accepts():
     for sampling in choices("sampling"):
         SamplerSpec(10, 2, sampling)
     for loop in choices("epoch_loop"):
-        _device_epoch_loop(loop)
+        path = execution_path(Config(epoch_loop=loop), streaming=False, packed=False)
+        assert path["epoch_loop"] in ("device", "host")
+    for mode in choices("pack_mode"):
+        assert execution_path(Config(pack_mode=mode), streaming=False, packed=True)["pack_mode"]
     for dtype in choices("dtype"):
         jnp.dtype(dtype)
     assert choices("features") == ()
@@ -462,3 +465,54 @@ def test_a_bad_setting_on_the_command_line_exits_2_with_one_line_and_writes_noth
     assert "batch_size" in lines[0] and "= 0" in lines[0] and ">= 1" in lines[0]
     assert not result.stdout  # the resolved config is not even printed
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no workdir, no cache folder
+
+
+def test_execution_only_fields_are_marked_once_in_the_field_metadata():
+    from unet_jax.config import EXECUTION, execution_fields
+
+    marked = execution_fields()
+    assert list(marked) == [f.name for f in dataclasses.fields(Config) if f.metadata.get(EXECUTION)]
+    assert {
+        "pack_runs",
+        "pack_mode",
+        "keep_latest",
+        "data_dir",
+        "epoch_loop",
+        "log_every_steps",
+        "write_report",
+    } <= set(marked)
+    # What changes the trained numbers or the run's result is never execution-only (epochs: a
+    # resume with other epochs is refused, a longer run is another run).
+    computes = {"name", "seed", "source", "dataset_config", "synthetic_patients", "split", "fold",
+                "image_size", "features", "dtype", "batch_size", "epochs", "learning_rate",
+                "schedule", "aug_flip", "sampling", "loss", "eval_every_epochs", "threshold"}  # fmt: skip
+    assert not computes & set(marked)
+    # The marking keeps the defaults.
+    assert Config().keep_latest == 2 and Config().write_report is True
+    assert Config().data_dir is None and Config().epoch_loop == "auto"
+
+
+def test_packable_runs_differ_only_in_name_seed_and_execution_fields():
+    from unet_jax.config import execution_fields, packable
+
+    base = Config(name="a", seed=0, pack_runs=True)
+    seeds = [base.replace(name=f"a-seed{s}", seed=s) for s in (0, 1, 2)]
+    assert packable(seeds) and packable([base]) and packable([])
+    assert not packable([seeds[0], seeds[1].replace(learning_rate=1e-3)])
+    assert not packable([seeds[0], seeds[1].replace(epochs=50)])
+    # An execution-only difference (where the data lies, how it is logged or dispatched) packs.
+    other = {
+        "data_dir": "/elsewhere",
+        "epoch_loop": "host",
+        "log_every_steps": 3,
+        "write_report": False,
+        "keep_latest": 4,
+        "pack_mode": "unroll",
+    }
+    assert set(other) <= set(execution_fields())
+    for key, value in other.items():
+        assert packable([seeds[0], seeds[1].replace(**{key: value})]), key
+    # Synthetic data is generated from the seed: runs of different seeds read different data.
+    synth = [c.replace(source="synthetic", split="fold", num_folds=4) for c in seeds]
+    assert not packable(synth) and not packable(synth[:2])
+    assert packable([synth[0], synth[0].replace(name="twin", log_every_steps=1)])

@@ -326,3 +326,77 @@ def test_output_to_a_file_gets_a_line_per_epoch_and_no_terminal_noise(tmp_path):
     last = re.search(r"^done: smoke: 9 steps, best validation DSC (\S+), last (\S+) — ", out, re.M)
     assert last, out
     assert last[1] == str(round(best, 4)) and last[2] == str(round(evals[-1]["val_dsc"], 4))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_after_its_data_moved_and_a_real_change_is_still_refused(
+    tmp_path, monkeypatch, capsys
+):
+    # A user moves the data folder of an interrupted run and resumes it with the new --data_dir
+    # (and another log_every_steps): where the data lies and what is logged are execution-only
+    # (unet_jax.config.execution_fields), so the run resumes from its checkpoint rather than
+    # being refused, and config.json shows the settings it now uses. Tiny synthetic data, 3
+    # epochs, stopped (SIGTERM, as a scheduler sends) once epoch 1 is evaluated.
+    import os
+    import shutil
+    import signal
+
+    import unet_jax.train
+    from unet_jax.checkpoint import latest_step
+
+    wd, old, new = tmp_path / "run", tmp_path / "data", tmp_path / "moved" / "data"
+    sets = {"epochs": "3", "image_size": "32", "features": "4", "batch_size": "2",
+            "synthetic_patients": "6", "synthetic_slices": "4,5", "num_folds": "3",
+            "write_report": "false", "log_every_steps": "1"}  # fmt: skip
+    command = ["--exp=smoke", "--workdir", str(wd)]
+    for key, value in sets.items():
+        command += ["--set", f"{key}={value}"]
+    train_runs = unet_jax.train.train_runs
+
+    def stopped_after_epoch_1(*args, **kwargs):
+        def stop(epoch, _):
+            if epoch == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return train_runs(*args, on_epoch_end=stop, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(unet_jax.train, "train_runs", stopped_after_epoch_1)
+        assert main([*command, "--data_dir", str(old)]) == 130
+    log = (wd / "metrics.jsonl").read_bytes()
+    first = [json.loads(line) for line in log.splitlines()]
+    per_epoch = next(r["step"] for r in first if r["type"] == "eval")  # epoch 1's evaluation
+    stopped, total = latest_step(wd), 3 * per_epoch
+    assert per_epoch > 2 and per_epoch <= stopped < total, (per_epoch, stopped)
+    assert [r["step"] for r in first if r["type"] == "train"] == list(range(1, stopped + 1))
+    capsys.readouterr()
+
+    new.parent.mkdir()
+    shutil.move(old, new)
+    # Another learning rate is a different run: still refused, before anything is written.
+    assert main([*command, "--data_dir", str(new), "--set", "learning_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "--restart" in err and "data_dir" not in err
+    assert (wd / "metrics.jsonl").read_bytes() == log
+
+    resumed = [*command, "--data_dir", str(new), "--set", "log_every_steps=2"]
+    assert main(resumed) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {wd} at step {stopped}" in out, out
+    assert "generating synthetic data" not in out and not old.exists()  # the moved data read
+    after = (wd / "metrics.jsonl").read_bytes()
+    assert after.startswith(log)  # the earlier lines kept, none logged twice
+    records = [json.loads(line) for line in after.splitlines()]
+    train = [r["step"] for r in records if r["type"] == "train"]
+    # From the resume on, every 2nd step of an epoch and its last (log_every_steps=2).
+    expected, start = list(range(1, stopped + 1)), stopped
+    while start < total:
+        end = (start // per_epoch + 1) * per_epoch
+        expected += [*range(start + 2, end, 2), end]
+        start = end
+    assert train == expected, (per_epoch, stopped)
+    evals = [r["step"] for r in records if r["type"] == "eval"]
+    assert evals == [per_epoch, 2 * per_epoch, total]
+    assert records[-1]["type"] == "summary" and records[-1]["step"] == total
+    saved = json.loads((wd / "config.json").read_text())
+    assert saved["data_dir"] == str(new) and saved["log_every_steps"] == 2

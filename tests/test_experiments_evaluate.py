@@ -70,9 +70,9 @@ def _tiny_checkpoint(path, **fields):
     import jax
     import numpy as np
 
-    from unet_jax.checkpoint import abstract_model, save_model_checkpoint
+    from unet_jax.checkpoint import save_model_checkpoint
     from unet_jax.config import Config
-    from unet_jax.model import load_pure, model_to_pure
+    from unet_jax.model import abstract_model, load_pure, model_to_pure
 
     config = Config(name="tiny", features=2, image_size=16, **fields)
     model = abstract_model(config)
@@ -150,7 +150,9 @@ def test_a_step_that_does_not_exist_names_those_that_do(tmp_path, capsys):
     for step, metric in [(114, 0.6), (152, 0.5)]:
         meta = {"epoch": step, "metrics": {"val_dsc": metric}}
         opt = {"step": jnp.asarray(step, jnp.int32)}
-        ckpts.save(step, model_to_pure(model), opt, config, meta, metric=metric)
+        if step == 114:  # the better one
+            ckpts.save_best(step, model_to_pure(model), config, meta, metric)
+        ckpts.save_latest(step, model_to_pure(model), opt, config, meta)
     ckpts.close()
     run = (tmp_path / "run").absolute()
     assert main(["--checkpoint", str(run), "--step", "999"]) == 2

@@ -12,18 +12,19 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from unet_jax.data import SplitData, concat, select_patients, split_from_records
 from unet_jax.input_pipeline import (
     AugmentSpec,
+    HostRecords,
     ResidentData,
     SamplerSpec,
-    SplitData,
     StreamingData,
-    concat,
     fits_on_device,
     make_mesh,
+    resize_batch,
     sample_indices,
-    select_patients,
     slice_probabilities,
+    validation_data,
 )
 from unet_jax.synthetic import blob_split
 
@@ -179,3 +180,43 @@ def test_bad_split_data_is_rejected_with_a_clear_error():
         SplitData(d.images, d.masks, d.volume, d.slice_index, d.mean, std, d.patients)
     with pytest.raises(ValueError, match="masks shape"):
         SplitData(d.images, d.masks[:, :16], d.volume, d.slice_index, d.mean, d.std, d.patients)
+
+
+def test_host_records_round_trip_through_split_from_records():
+    data = blob_split(3, 5, 32, 2, "R")
+    records = HostRecords(data)
+    assert len(records) == data.num_examples
+    back = split_from_records([records[i] for i in range(len(records))])
+    assert back.patients == data.patients
+    for name in ("images", "masks", "volume", "slice_index", "mean", "std"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(data, name), err_msg=name)
+
+
+def test_streaming_reads_host_records_as_the_resident_split():
+    data = blob_split(2, 6, 32)
+    aug = AugmentSpec(0.05, 15, 0.5)
+    mesh = make_mesh()
+    resident = ResidentData(data, mesh, 4, "weighted", aug)
+    streaming = StreamingData(HostRecords(data), data, mesh, 4, "weighted", aug, num_threads=2)
+    key = jax.random.key(5)
+    xr, yr = jax.jit(resident.train_batch)(key, 1, resident.arrays)
+    xs, ys = streaming.train_batch(key, 1)
+    np.testing.assert_allclose(np.asarray(xr), np.asarray(xs), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(yr), np.asarray(ys))
+
+
+def test_validation_data_is_in_order_and_never_augmented():
+    data = blob_split(2, 6, 32)
+    val = validation_data(data, make_mesh(), 4, "shuffle", 16)
+    assert val.aug == AugmentSpec(0, 0, 0, 16) and val.spec.sampling == "shuffle"
+    # Batch 1: slices 4..7 in order, normalised and resized, nothing else.
+    x, y, valid = val.eval_batch(1)
+    rows = slice(4, 8)
+    ref = (data.images[rows] / 255.0 - data.mean[data.volume[rows]][:, None, None, :]) / data.std[
+        data.volume[rows]
+    ][:, None, None, :]
+    ref_x, ref_y = resize_batch(jnp.asarray(ref, jnp.float32), jnp.asarray(data.masks[rows]), 16)
+    assert np.asarray(valid).all()
+    np.testing.assert_allclose(np.asarray(x), np.asarray(ref_x), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_y, np.float32))
+    assert validation_data(data, make_mesh(), 4, "weighted", None).aug == AugmentSpec(0, 0, 0)

@@ -29,10 +29,10 @@ from scipy import ndimage
 
 from _reference import largest_component, read_image, read_volume
 from unet_jax import preprocess
-from unet_jax.checkpoint import build_model, load_model, save_model_checkpoint
+from unet_jax.checkpoint import load_model, save_model_checkpoint
 from unet_jax.config import Config
 from unet_jax.input_pipeline import resize_batch
-from unet_jax.model import BatchNorm
+from unet_jax.model import BatchNorm, build_model
 from unet_jax.predict import Predictor, discover, load_checkpoints, main, predict
 from unet_jax.predict import read_volume as read_loaded_volume
 from unet_jax.synthetic import synthetic_volume, write_synthetic_kaggle3m

@@ -19,9 +19,9 @@ from safetensors.numpy import load_file, save_file
 
 from _requires import needs_torch
 from unet_jax import pretrained
-from unet_jax.checkpoint import build_model, load_model, save_model_checkpoint
+from unet_jax.checkpoint import load_model, save_model_checkpoint
 from unet_jax.config import Config
-from unet_jax.model import model_to_pure
+from unet_jax.model import build_model, model_to_pure
 from unet_jax.predict import main as predict_main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -212,3 +212,30 @@ def test_lock_nests_within_a_process_and_can_be_disabled(tmp_path):
     disabled = lock_workdir(tmp_path / "other", enabled=False)
     assert not disabled.held and not (tmp_path / "other").exists()
     disabled.release()
+
+
+def test_a_resume_takes_changed_execution_fields_and_refuses_the_rest(tmp_path):
+    # Where the data lies and how a run executes, logs or reports are execution-only
+    # (unet_jax.config.execution_fields): a resume with them changed goes on, and config.json
+    # then shows the settings the run now uses; any other change is refused.
+    cfg = Config(name="run", data_dir=str(tmp_path / "data"))
+    workdir = make_workdir(tmp_path / "run", config=cfg)
+    log = (workdir / "metrics.jsonl").read_bytes()
+    changed = cfg.replace(
+        data_dir=str(tmp_path / "moved"),
+        manual_dir=str(tmp_path / "download"),
+        epoch_loop="host",
+        log_every_steps=1,
+        write_report=False,
+        keep_latest=5,
+        pack_runs=True,
+        pack_mode="unroll",
+    )
+    prepare_workdir(changed, workdir, restart=False)
+    assert Config.from_dict(json.loads((workdir / "config.json").read_text())) == changed
+    assert (workdir / "metrics.jsonl").read_bytes() == log  # resumed, nothing deleted
+    for key, value in [("learning_rate", 1e-3), ("epochs", 7), ("seed", 1), ("threshold", 0.4)]:
+        with pytest.raises(ConfigMismatchError) as e:
+            prepare_workdir(changed.replace(**{key: value}), workdir, restart=False)
+        assert_one_line(e.value, f"differs in: ['{key}']", "--restart")
+    assert Config.from_dict(json.loads((workdir / "config.json").read_text())) == changed

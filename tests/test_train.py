@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from _checks import LOSS_RTOL, assert_same_training
+from _checks import assert_same_training
 from _synth import blob_train_val, tiny_config
 from unet_jax.checkpoint import TrainCheckpoints, load_model
 from unet_jax.train import ConfigMismatchError, NonFiniteLossError, train_and_evaluate
@@ -258,52 +258,14 @@ def test_streaming_path_trains_like_the_resident_one(tmp_path):
     b = [r["loss"] for r in _records(tmp_path / "stream", "train")]
     assert len(a) == len(b) == 4
     np.testing.assert_allclose(a, b, rtol=1e-4)
-
-
-def _resident_trainer(cfg, split):
-    from unet_jax.input_pipeline import AugmentSpec, ResidentData, make_mesh
-    from unet_jax.trainer import Trainer
-
-    mesh = make_mesh()
-    aug = AugmentSpec(cfg.aug_scale, cfg.aug_angle, cfg.aug_flip, None)
-    return Trainer(cfg, ResidentData(split, mesh, cfg.batch_size, cfg.sampling, aug), mesh)
-
-
-def test_one_dispatch_epoch_matches_the_per_step_loop():
-    # The epoch as one program (lax.scan of the step) against step-by-step dispatches, from the
-    # same initial state: the same PRNG stream draws the same batches, and the two programs
-    # train the same run up to float
-    # rounding (XLA may order the backward pass's sums differently inside the loop; the bounds
-    # and where they come from: tests/_checks.py).
-    cfg = tiny_config("scan", epochs=1, seed=5)
-    train, _ = blob_train_val()
-    scanned, stepped = _resident_trainer(cfg, train), _resident_trainer(cfg, train)
-    steps = scanned.steps_per_epoch
-    assert steps == 4
-
-    arrays, key = scanned.data.arrays, scanned.data_key
-    batches = jax.jit(
-        lambda: jax.lax.scan(
-            lambda s, _: (s + 1, scanned.data.train_batch(key, s, arrays)),
-            jax.numpy.int32(0),
-            None,
-            length=steps,
-        )[1]
-    )()
-    for step in range(steps):
-        x, y = jax.jit(stepped.data.train_batch)(key, jax.numpy.int32(step), arrays)
-        # The same slices and augmentation parameters (integer work and the PRNG stream); the
-        # resampled images to float rounding (measured: 1.7e-5 of a range of ~7 on jax 0.12,
-        # bitwise on 0.10.2); another slice or draw would differ by O(1).
-        np.testing.assert_allclose(np.asarray(batches[0][step]), np.asarray(x), rtol=0, atol=1e-4)
-        assert np.mean(np.asarray(batches[1][step]) != np.asarray(y)) <= 1e-3
-
-    losses = np.asarray(scanned.train_steps(steps)["loss"])
-    step_losses = np.array([float(stepped.train_step()["loss"]) for _ in range(steps)])
-    assert losses.shape == (steps,)
-    assert scanned.step == stepped.step == steps
-    state = lambda t: jax.tree.leaves((t.state["params"], t.state["batch_stats"]))
-    assert_same_training(losses, step_losses, state(scanned), state(stepped))
+    # Each run took the path its budget asks for (were the switch to stop switching, both
+    # would train resident and the losses above would still agree).
+    assert _records(tmp_path / "resident", "summary")[-1]["path"]["input"] == "resident"
+    assert _records(tmp_path / "stream", "summary")[-1]["path"] == {
+        "input": "streaming",
+        "epoch_loop": "host",
+        "pack_mode": None,
+    }
 
 
 @pytest.mark.slow
@@ -339,6 +301,8 @@ def test_device_and_host_epoch_loops_log_the_same_run(tmp_path):
     for loop in ("device", "host"):
         train_and_evaluate(cfg.replace(epoch_loop=loop), tmp_path / loop, data=data, progress=False)
         runs[loop] = (_records(tmp_path / loop, "train"), _records(tmp_path / loop, "eval"))
+        # The loop asked for is the loop taken (both logs would match if one path ran twice).
+        assert _records(tmp_path / loop, "summary")[-1]["path"]["epoch_loop"] == loop
     (dev_train, dev_eval), (host_train, host_eval) = runs["device"], runs["host"]
     assert [r["step"] for r in dev_train] == [r["step"] for r in host_train] == list(range(1, 9))
     assert_same_training([r["loss"] for r in dev_train], [r["loss"] for r in host_train])
@@ -386,6 +350,7 @@ def test_packed_runs_train_as_the_lone_runs_and_keep_their_own_folders(tmp_path)
         np.testing.assert_allclose([r["val_dsc"] for r in a], [r["val_dsc"] for r in b], atol=1e-3)
         assert json.loads((tmp_path / f"p{name}" / "config.json").read_text())["seed"] == c.seed
         assert summary["packed_runs"] == 2 and summary["step"] == 8
+        assert summary["path"] == {"input": "resident", "epoch_loop": "host", "pack_mode": "unroll"}
         assert summary["best_val_dsc"] == pytest.approx(alone["best_val_dsc"], abs=1e-3)
     # The seeds really differ (the test above would pass trivially if both ran one seed).
     assert (
@@ -393,7 +358,7 @@ def test_packed_runs_train_as_the_lone_runs_and_keep_their_own_folders(tmp_path)
         != _records(tmp_path / "p4", "train")[0]["loss"]
     )
     # Only seeds may differ between packed runs.
-    with pytest.raises(ValueError, match="differ only in name and seed"):
+    with pytest.raises(ValueError, match="differ only in name, seed and execution-only"):
         train_runs(
             [configs[0], configs[1].replace(learning_rate=1e-3)],
             [tmp_path / "x", tmp_path / "y"],
@@ -401,42 +366,12 @@ def test_packed_runs_train_as_the_lone_runs_and_keep_their_own_folders(tmp_path)
         )
 
 
-def test_vmapped_packing_matches_the_lone_runs_within_float_rounding():
-    # pack_mode="vmap" (accelerators' default) runs the step vectorised over the runs; XLA then
-    # lowers convolutions whose weights carry the run axis as grouped convolutions, whose
-    # float32 sums are ordered differently: two programs, equal up to amplified float rounding
-    # (bounds and the measurements behind them, Intel and AMD: tests/_checks.py). 6 steps of 2
-    # seeds, one dispatch per step.
-    from unet_jax.trainer import PackedTrainer
-
-    cfg = tiny_config("vmap", epochs=1)
-    train, _ = blob_train_val()
-    mode = "vmap"
-    lone = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
-    packed = [_resident_trainer(cfg.replace(seed=s), train) for s in (0, 1)]
-    for t in packed[1:]:  # packed runs share one resident copy of the data
-        t.data = packed[0].data
-    pack = PackedTrainer(packed, mode)
-    assert pack.mode == mode
-    outs = [pack.train_step() for _ in range(6)]
-    for r, t in enumerate(lone):
-        a = np.array([float(o[r]["loss"]) for o in outs])
-        b = np.array([float(t.train_step()["loss"]) for _ in range(6)])
-        assert_same_training(
-            a, b, jax.tree.leaves(packed[r].state["params"]), jax.tree.leaves(t.state["params"])
-        )
-        assert packed[r].step == t.step == 6
-    # The bounds tell runs apart: the two seeds' losses differ far beyond them.
-    runs = [np.array([float(o[r]["loss"]) for o in outs]) for r in (0, 1)]
-    assert np.max(np.abs(runs[0] - runs[1]) / runs[1]) > 10 * LOSS_RTOL
-
-
 def test_diverged_parameters_are_never_called_a_good_checkpoint(tmp_path):
     # Issue: with an absurd learning rate the message named a checkpoint whose parameters
     # reached 5e28 (predict from it: empty masks). Now a checkpoint is saved only when every
     # parameter is finite and within PARAM_LIMIT; the error names the last good one, and it is.
-    from unet_jax.epoch_end import PARAM_LIMIT
     from unet_jax.model import model_to_pure
+    from unet_jax.run_state import PARAM_LIMIT
     from unet_jax.train import DivergedError
 
     cfg = tiny_config(
@@ -467,10 +402,10 @@ def test_output_that_is_not_a_terminal_gets_a_line_per_evaluated_epoch(
     # step here: the interval shortened to 0 s). Epochs 2 and 3 of 3 are evaluated.
     import re
 
-    from unet_jax import train
+    from unet_jax import progress
 
-    monkeypatch.setattr(train, "_output_is_terminal", lambda: False)
-    monkeypatch.setattr(train, "HEARTBEAT_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "_output_is_terminal", lambda: False)
+    monkeypatch.setattr(progress, "HEARTBEAT_SECONDS", 0.0)
     cfg = tiny_config("lines", epochs=3, eval_every_epochs=2, log_every_steps=1, seed=11)
     train_and_evaluate(cfg, tmp_path, data=blob_train_val())
     out, err = capsys.readouterr()
@@ -533,7 +468,7 @@ def test_a_run_stopped_by_ctrl_c_resumes_with_the_log_lines_of_the_uninterrupted
     # (single and packed runs), so the resumed run's log was not the uninterrupted run's.
     # Steps 3, 4, 6 and 8 are logged (every 3rd and each epoch's last); Ctrl-C after step 5.
     from unet_jax.train import train_runs
-    from unet_jax.trainer import PackedTrainer, Trainer
+    from unet_jax.train_steps import PackedTrainer, Trainer
 
     cfg = tiny_config("stop", epochs=2, log_every_steps=3, seed=9, pack_mode="unroll")
     data = blob_train_val()

@@ -40,10 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from unet_jax.config import Config
-from unet_jax.model import UNet, load_pure, model_to_pure
+from unet_jax.model import UNet, abstract_model, load_pure, model_to_pure, named_leaves
 from unet_jax.rundir import CHECKPOINTS_DIRNAME
 
 BEST_METRIC = "val_dsc"
@@ -160,22 +159,6 @@ def _drop_orbax_read_only_notes(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_drop_orbax_read_only_notes)
 
 
-def build_model(config: Config, seed: int = 0) -> UNet:
-    """A freshly initialised UNet for ``config``'s model settings."""
-    return UNet(
-        config.in_channels,
-        config.out_channels,
-        config.features,
-        dtype=jnp.dtype(config.dtype),
-        rngs=nnx.Rngs(seed),
-    )
-
-
-def abstract_model(config: Config) -> UNet:
-    """A UNet with shape-only leaves (no memory, no compute), to restore into."""
-    return nnx.eval_shape(lambda: build_model(config))
-
-
 def _manager(directory: Path, **options) -> ocp.CheckpointManager:
     opts = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, **options)
     return ocp.CheckpointManager(directory, options=opts)
@@ -208,14 +191,15 @@ def latest_step(workdir: str | Path) -> int | None:
 
 
 class TrainCheckpoints:
-    """The ``latest`` and ``best`` checkpoint managers of one training workdir."""
+    """The ``latest`` and ``best`` checkpoint managers of one training workdir: Orbax storage
+    only (what a run saves and when is :class:`unet_jax.run_state.RunState`'s)."""
 
     def __init__(self, workdir: str | Path, keep_latest: int = 1):
         _quiet_orbax_noise()
         self.root = Path(workdir).absolute() / CHECKPOINTS_DIRNAME
         self.latest = _manager(self.root / "latest", max_to_keep=keep_latest)
         self.best = _best_manager(self.root / "best")
-        self._best_metric: float | None = self._read_best_metric()  # then kept by save()
+        self._best_metric: float | None = self._read_best_metric()  # then kept by save_best()
 
     def _read_best_metric(self) -> float | None:
         step = self.best.best_step()
@@ -232,18 +216,9 @@ class TrainCheckpoints:
             ) from None
 
     def best_metric(self) -> float | None:
-        """The validation DSC of the best checkpoint on disk, if any."""
+        """The validation DSC of the best checkpoint on disk, if any (a run's best so far is
+        :attr:`unet_jax.run_state.RunState.best_metric`: it can be older, on a resume)."""
         return self._best_metric
-
-    def reset_best_metric(self, metric: float | None) -> None:
-        """Compare later saves with ``metric``: the best so far as of the checkpoint a run
-        resumes from (a best checkpoint written after it, by a run killed before its next
-        ``latest``, is then written again by the resumed run, identically)."""
-        self._best_metric = None if metric is None else float(metric)
-
-    def is_better(self, metric: float) -> bool:
-        """Whether ``metric`` beats the best so far (the first one always does)."""
-        return self._best_metric is None or metric > self._best_metric
 
     def save_latest(
         self, step: int, model_state: dict, optimizer_state: Any, config: Config, meta: dict
@@ -277,27 +252,6 @@ class TrainCheckpoints:
             )
         self.best.wait_until_finished()
         self._best_metric = float(metric)
-
-    def save(
-        self,
-        step: int,
-        model_state: dict,
-        optimizer_state: Any,
-        config: Config,
-        meta: dict[str, Any],
-        metric: float | None = None,
-    ) -> bool:
-        """Save as latest; also as best (model and meta only) when ``metric`` beats the best so
-        far. Returns is-best.
-
-        ``model_state``: :func:`unet_jax.model.model_to_pure`'s dict; ``optimizer_state``: any
-        pytree (the trainer's optimiser state and step).
-        """
-        self.save_latest(step, model_state, optimizer_state, config, meta)
-        if metric is None or not self.is_better(metric):
-            return False
-        self.save_best(step, model_state, config, meta, metric)
-        return True
 
     def restore_latest(self, model_target: dict, opt_target: Any):
         """``(model_state, optimizer_state, meta)`` of the latest checkpoint, or None if there
@@ -448,11 +402,50 @@ def _resolve_checkpoint_dir(path: Path, step: int | None) -> tuple[Path, int]:
     )
 
 
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def _check_stored_shapes(label: str | Path, item: Path, config: Config, model: UNet) -> None:
+    """Refuse a checkpoint whose config does not build the model its stored arrays belong to,
+    comparing Orbax's metadata with the config's model before anything is restored.
+
+    Restoring such a checkpoint fails part-way through Orbax's concurrent reads, and the reads
+    still in flight then print tracebacks ("Event loop is closed") until the process exits.
+    Metadata that cannot be read is left to the restore, which says why it fails.
+    """
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored_tree = checkpointer.metadata(item / "model")
+        stored = named_leaves(getattr(stored_tree, "item_metadata", stored_tree))
+    except Exception:
+        return
+    needed = named_leaves(model_to_pure(model))
+    problems = [f"{k} missing" for k in needed if k not in stored]
+    problems += [f"{k} not in the model" for k in stored if k not in needed]
+    problems += [
+        f"{k} stored as {_shape(stored[k].shape)}, the config needs {_shape(needed[k].shape)}"
+        for k in needed
+        if k in stored and tuple(stored[k].shape) != tuple(needed[k].shape)
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(
+            f"{label}: the checkpoint's config (in_channels={config.in_channels}, "
+            f"out_channels={config.out_channels}, features={config.features}) does not match "
+            f"its stored parameters: {problems[0]}{more}"
+        )
+
+
 def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config, dict[str, Any]]:
     """Restore ``(model in eval mode, config, meta)`` from a training workdir or a model checkpoint.
 
     A workdir gives its best checkpoint unless ``step`` names another. A packaged model's name or
     a ``.safetensors`` model file is loaded by :func:`unet_jax.pretrained.load` (no steps).
+
+    Raises:
+      CheckpointError: one line for a missing, foreign or damaged checkpoint, or one whose
+        config does not build its stored arrays (found from Orbax's metadata, before restoring).
     """
     from unet_jax import pretrained
 
@@ -463,7 +456,7 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
             return pretrained.load(path)
         except pretrained.PretrainedError as e:
             raise CheckpointError(str(e)) from None
-    path = Path(path).absolute()
+    given, path = path, Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     directory, step = _resolve_checkpoint_dir(path, step)
@@ -488,6 +481,7 @@ def load_model(path: str | Path, step: int | None = None) -> tuple[UNet, Config,
             f"{item} is not a unet_jax checkpoint: its meta holds no valid config ({_one_line(e)})"
         ) from None
     model = abstract_model(config)
+    _check_stored_shapes(given, item, config, model)
     # Onto this process's first device, whatever the devices and hosts of the run that saved it
     # (Orbax would otherwise restore onto the saved topology, e.g. two hosts' devices).
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

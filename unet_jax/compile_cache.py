@@ -18,6 +18,9 @@ The cache never stops a run:
 * a damaged entry (one JAX fails to load: a truncated or overwritten file) is deleted when JAX
   reads it, so the program is compiled and written again; instead of JAX's warning per entry,
   one line on stderr at exit says ``warning: compile cache DIR: N damaged entries replaced``.
+
+:func:`compile_seconds` tells how long the process has spent compiling (cached or not), so that
+a run's step times can leave it out and its report can say it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 #: The value of ``--compile_cache`` / ``$UNET_JAX_COMPILE_CACHE`` that turns the cache off.
 OFF = "none"
@@ -194,3 +198,24 @@ def _report_damaged() -> None:
         else:  # e.g. compiled faster than the threshold this time
             line = f"{what} removed ({written} written again)"
         print(f"warning: compile cache {folder}: {line}", file=sys.stderr, flush=True)
+
+
+# JAX's compile-time events, summed over the process from the first call of compile_seconds().
+_compile_seconds = [0.0]
+_listening = [False]
+
+
+def _on_duration(name: str, seconds: float, **_: Any) -> None:
+    if name.startswith("/jax/core/compile/"):
+        _compile_seconds[0] += seconds
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling programs so far (a load
+    from the persistent compilation cache counts only its tracing and lowering)."""
+    if not _listening[0]:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        _listening[0] = True
+    return _compile_seconds[0]

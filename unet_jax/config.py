@@ -9,6 +9,11 @@ Every config is validated when it is built (``Config(...)``, :meth:`Config.repla
 would run without meaning anything (0 epochs, no resumable checkpoint), raises
 :class:`ConfigError` at once, with one line naming the field, its value and what is allowed, so a
 run stops before anything is written. The rules are :data:`RULES`.
+
+Some fields are *execution-only* (:func:`execution_fields`, marked in the field's metadata):
+changing one does not change what a run computes (to float rounding), only where or how it runs
+or what it writes. A run resumes with them changed (``unet_jax.rundir.prepare_workdir``), and
+runs that differ in them (and in ``name`` and ``seed``) can train side by side (:func:`packable`).
 """
 
 from __future__ import annotations
@@ -27,9 +32,28 @@ class ConfigError(ValueError):
     """A config value that is not allowed: one line naming the field, its value and what is."""
 
 
+#: The field-metadata key that marks a field execution-only (:func:`execution_fields`).
+EXECUTION = "execution"
+
+
+def _execution(default: Any) -> Any:
+    """A field with ``default`` marked execution-only (:func:`execution_fields`)."""
+    return dataclasses.field(default=default, metadata={EXECUTION: True})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """All settings of a training run. Defaults are the PyTorch baseline's where it has one."""
+    """All settings of a training run. Defaults are the PyTorch baseline's where it has one.
+
+    Fields made with ``_execution(...)`` are execution-only (:func:`execution_fields`); each
+    says why. The others change the trained numbers or the run's results, among them: ``name``
+    (not a number, but it identifies the run: a different one on a workdir is most likely the
+    wrong workdir), ``seed``, the data, split and source settings (the synthetic data is
+    generated from ``seed``, ``synthetic_patients``, ``synthetic_slices``), model, optimiser and
+    augmentation, ``epochs`` (the schedule and the last step depend on it: a longer run is a new
+    run), ``eval_every_epochs`` (which epochs are evaluated decides the best checkpoint and the
+    run's result) and ``threshold`` (the metrics, and so the best checkpoint).
+    """
 
     name: str = "default"
 
@@ -37,10 +61,11 @@ class Config:
     #: TFDS builder config: ``baseline`` (the baseline's preprocessing) or ``raw``.
     dataset_config: str = "baseline"
     #: Where the built TFDS data lives (None: TFDS's default, ~/tensorflow_datasets).
-    data_dir: str | None = None
+    #: Execution-only: where the data lies, not what it is (a run resumes after it moved).
+    data_dir: str | None = _execution(None)
     #: Where the Kaggle download is (None: TFDS's manual-dir convention,
-    #: <data_dir>/downloads/manual).
-    manual_dir: str | None = None
+    #: <data_dir>/downloads/manual). Execution-only: the data built from it is the same.
+    manual_dir: str | None = _execution(None)
     #: ``synthetic`` generates the project's phantom data set instead of reading LGG.
     source: str = "lgg"
     synthetic_patients: int = 12
@@ -52,7 +77,9 @@ class Config:
     num_folds: int = 5
     fold: int = 0
     #: Device-memory budget for the resident pipeline in GiB (None: always resident).
-    device_memory_budget_gb: float | None = None
+    #: Execution-only: over the budget, grain streams the same batches from the host (only the
+    #: normalisation and augmentation are compiled apart: float rounding).
+    device_memory_budget_gb: float | None = _execution(None)
 
     # --- sampling and augmentation --------------------------------------------------------
     #: ``weighted``: the baseline's lesion-weighted sampling; ``shuffle``: epochs of all slices.
@@ -86,27 +113,34 @@ class Config:
     #: How an epoch is dispatched on the resident path: ``device`` (the epoch's steps as one
     #: compiled loop, ``lax.scan``), ``host`` (one dispatch per step) or ``auto``: ``device`` on
     #: accelerators, ``host`` on the CPU, where XLA runs the loop's body several times slower
-    #: than the same step dispatched alone (benchmarks/RESULTS.md). Same batches and losses.
-    epoch_loop: str = "auto"
+    #: than the same step dispatched alone (benchmarks/RESULTS.md). Same batches and losses:
+    #: execution-only.
+    epoch_loop: str = _execution("auto")
     #: Train runs that differ only in ``seed`` (the seeds of an arm) side by side in one
     #: program: ``experiments.run --seeds`` packs them when this is on (``unet_jax.train``).
-    pack_runs: bool = False
+    #: Execution-only: a packed run trains as when alone, and resumes alone or packed.
+    pack_runs: bool = _execution(False)
     #: How packed runs share the program: ``vmap`` (one batched program: fills an accelerator),
     #: ``unroll`` (the runs' steps one after another in one program: each run as alone, to
-    #: float rounding; bitwise on the CPUs measured) or ``auto``: ``vmap`` on accelerators, ``unroll`` on the CPU.
-    pack_mode: str = "auto"
+    #: float rounding; bitwise on the CPUs measured) or ``auto``: ``vmap`` on accelerators,
+    #: ``unroll`` on the CPU. Execution-only (the same runs to float rounding).
+    pack_mode: str = _execution("auto")
 
     # --- evaluation, checkpoints, logging -------------------------------------------------
     eval_every_epochs: int = 1
     threshold: float = 0.5
-    log_every_steps: int = 10
+    #: Log the training loss every N steps. Execution-only: what is written, not trained.
+    log_every_steps: int = _execution(10)
     #: Keep this many most recent checkpoints besides the best one: 2, so that a damaged newest
-    #: one (a full disk, a partial copy) has a previous one to resume from.
-    keep_latest: int = 2
-    #: Also checkpoint every N steps within epochs (0: at epoch ends only).
-    checkpoint_every_steps: int = 0
+    #: one (a full disk, a partial copy) has a previous one to resume from. Execution-only:
+    #: what is kept.
+    keep_latest: int = _execution(2)
+    #: Also checkpoint every N steps within epochs (0: at epoch ends only). Execution-only: a
+    #: resume continues from any step with the same batches.
+    checkpoint_every_steps: int = _execution(0)
     #: Write the report (figures, report.md) when the run ends (done by ``experiments.run``).
-    write_report: bool = True
+    #: Execution-only: what is written.
+    write_report: bool = _execution(True)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -132,6 +166,26 @@ class Config:
 def field_names() -> list[str]:
     """Names of all config fields, sorted."""
     return sorted(f.name for f in dataclasses.fields(Config))
+
+
+def execution_fields() -> tuple[str, ...]:
+    """Names of the execution-only fields, in field order: changing one does not change what a
+    run computes (to float rounding), only where or how it runs or what it writes (the data's
+    location, how steps are dispatched or packed, what is logged, kept or reported). A run
+    resumes with them changed; packed runs may differ in them."""
+    return tuple(f.name for f in dataclasses.fields(Config) if f.metadata.get(EXECUTION))
+
+
+def packable(configs: list[Config]) -> bool:
+    """Whether runs of these configs can train side by side in one program
+    (``unet_jax.train.train_runs``): equal but for ``name``, ``seed`` and the execution-only
+    fields (the pack executes as the first config says), and not runs of different seeds on
+    synthetic data, which is generated from the seed (packed runs share one copy of the data)."""
+    ignored = {"name", "seed", *execution_fields()}
+    keys = [{k: v for k, v in c.to_dict().items() if k not in ignored} for c in configs]
+    if any(k != keys[0] for k in keys[1:]):
+        return False
+    return not configs or configs[0].source != "synthetic" or len({c.seed for c in configs}) == 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from unet_jax.config import Config
+from unet_jax.fileio import os_error_reason
 from unet_jax.model import UNet, load_pure, model_to_pure
 from unet_jax.rundir import unwritable_reason
 
@@ -210,12 +211,6 @@ def load_torch_state_dict(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def _os_reason(e: OSError) -> str:
-    if e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    return str(e) or type(e).__name__
-
-
 def check_output(out: Path) -> None:
     """Refuse an output that exists with content or as a file, or that cannot be made (a file
     in its path, a folder we may not write in), before anything is read or written."""
@@ -259,7 +254,7 @@ def write_checkpoint(out: Path, model: UNet, config: Config, meta: dict[str, Any
             with contextlib.suppress(OSError):
                 folder.rmdir()
         if isinstance(e, OSError):
-            raise ConversionError(f"cannot write the output {out}: {_os_reason(e)}") from None
+            raise ConversionError(f"cannot write the output {out}: {os_error_reason(e)}") from None
         if isinstance(e, Exception):  # Orbax wraps some I/O errors in its own types
             reason = " ".join(str(e).split())
             raise ConversionError(

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unet_jax import metrics, preprocess
-from unet_jax.input_pipeline import ResidentData, SplitData, replicated
+from unet_jax.data import SplitData
+from unet_jax.input_pipeline import ResidentData, replicated
 from unet_jax.tta import average_probabilities
 
 
@@ -238,8 +239,8 @@ def evaluate_dispatched(
 ) -> tuple[dict[str, float], list[dict[str, Any]], np.ndarray]:
     """Per-patient metrics of predictions dispatched earlier (:func:`dispatch_predictions`):
     fetch, per-volume rows, summary; returns (summary, rows, binary preds). ``truth``: the
-    validation masks at the model's input size (:func:`eval_truth`, made once per run).
-    Training runs it on a worker thread."""
+    validation masks at the stored size, where the predictions are too, whatever the model's
+    input size (:func:`eval_truth`, made once per run). Training runs it on a worker thread."""
     out = collect_predictions(dispatched)
     rows = per_volume(out["pred"], truth, val.data, out)
     summary = summarize(rows)

@@ -1,5 +1,6 @@
 """Files written whole or not at all, and a lock on a folder: the helpers every writer of a
-data folder shares (the synthetic-data writer, the TFDS builder, ``experiments.data``).
+data folder shares (the synthetic-data writer, the TFDS builder, ``experiments.data``); and
+:func:`os_error_reason`, the one-line reason of a failed write in the writers' error messages.
 
 A write goes to a hidden name beside its target (:func:`partial_path`) and is renamed into
 place when complete (:func:`replace_with`); a killed write leaves only hidden leftovers, which
@@ -19,6 +20,7 @@ from pathlib import Path
 
 __all__ = [
     "exclusive_lock",
+    "os_error_reason",
     "partial_path",
     "remove_atomically",
     "remove_leftovers",
@@ -26,6 +28,15 @@ __all__ = [
 ]
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(partial|old)-[0-9]+-[0-9a-f]{8}$")
+
+
+def os_error_reason(err: OSError) -> str:
+    """Why an operating-system call failed, for a one-line message: the system's text and the
+    file it names (``No space left on device: /out/a.csv``), else the error's own text, else the
+    name of its type (an ``OSError`` raised without arguments)."""
+    if err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err) or type(err).__name__
 
 
 def partial_path(path: Path) -> Path:

@@ -7,7 +7,8 @@ model's input size differs from the stored 256) inside the jitted train step, fr
 
 Design:
 
-* :class:`SplitData` holds a split on the host (numpy), in (patient, slice) order.
+* :class:`unet_jax.data.SplitData` (the reader's) holds a split on the host (numpy), in
+  (patient, slice) order.
 * :class:`ResidentData` puts it on the device mesh, **replicated**: every device holds the
   whole set and gathers only its own shard of each batch (the indices and the batch are
   sharded over the ``data`` axis), so a step needs no communication and no host round trip.
@@ -23,11 +24,12 @@ Design:
   units).
 * :class:`StreamingData` serves training data over the device-memory budget: the host computes
   the same indices with the same sampler, grain reads those records from a random-access source
-  (training passes the split's host arrays, one record per slice) with several threads, a thread
-  pool reads the next steps ahead, and the same pure :func:`prepare_batch`, jitted on its own,
-  normalises, resizes and augments them with the same keys. The examples and augmentation draws
-  are :class:`ResidentData`'s for the same seed; the values agree up to float rounding (the
-  preparation is compiled apart from the train step). Validation is always resident.
+  (training passes :class:`HostRecords`: the split's host arrays, one record per slice) with
+  several threads, a thread pool reads the next steps ahead, and the same pure
+  :func:`prepare_batch`, jitted on its own, normalises, resizes and augments them with the same
+  keys. The examples and augmentation draws are :class:`ResidentData`'s for the same seed; the
+  values agree up to float rounding (the preparation is compiled apart from the train step).
+  Validation is always resident (:func:`validation_data`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from unet_jax import augment
+from unet_jax.data import SplitData
 
 DATA_AXIS = "data"
 
@@ -52,140 +55,31 @@ DATA_AXIS = "data"
 # ----------------------------------------------------------------------------- host data
 
 
-@dataclasses.dataclass(frozen=True)
-class SplitData:
-    """One split on the host, slices in (patient, slice) order.
+class HostRecords:
+    """A split's examples as TFDS-like record dicts, by random access: the source of
+    :class:`StreamingData` when training streams a split held in host memory.
 
-    Attributes:
-      images: uint8 (N, H, W, C).
-      masks: uint8 (N, H, W, 1) in {0, 1}.
-      volume: int32 (N,) index of each slice's patient in ``patients``.
-      slice_index: int32 (N,) original 1-based slice number.
-      mean, std: float32 (P, C) per-volume channel statistics of ``images / 255``-space values.
-      patients: patient ids (folder names), one per volume.
+    Record ``i`` is example ``i`` with the keys of the built data set's examples (``image``,
+    ``mask``, ``patient_id``, ``slice_index``, ``channel_mean``, ``channel_std``), so
+    :func:`unet_jax.data.split_from_records` of the records gives the split back.
     """
 
-    images: np.ndarray
-    masks: np.ndarray
-    volume: np.ndarray
-    slice_index: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
-    patients: tuple[str, ...]
+    def __init__(self, split: SplitData):
+        self.split = split
 
-    def __post_init__(self):
-        n = self.images.shape[0]
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(
-                f"images must be uint8 (N,H,W,C), got {self.images.dtype} {self.images.shape}"
-            )
-        if self.masks.shape != self.images.shape[:3] + (1,):
-            raise ValueError(f"masks shape {self.masks.shape} != {self.images.shape[:3] + (1,)}")
-        if self.volume.shape != (n,) or self.slice_index.shape != (n,):
-            raise ValueError("volume and slice_index must have one entry per slice")
-        p = len(self.patients)
-        if self.mean.shape != (p, self.images.shape[-1]) or self.std.shape != self.mean.shape:
-            raise ValueError(
-                f"mean/std must be (patients, channels) = {(p, self.images.shape[-1])}"
-            )
-        if n and (self.volume.min() < 0 or self.volume.max() >= p):
-            raise ValueError("volume indices out of range")
-        if (
-            not np.all(np.isfinite(self.mean))
-            or not np.all(np.isfinite(self.std))
-            or np.any(self.std <= 0)
-        ):
-            bad = [
-                self.patients[i]
-                for i in range(p)
-                if not (
-                    np.all(np.isfinite(self.mean[i]))
-                    and np.all(np.isfinite(self.std[i]))
-                    and np.all(self.std[i] > 0)
-                )
-            ]
-            raise ValueError(f"non-finite or non-positive channel statistics for patients {bad}")
+    def __len__(self) -> int:
+        return self.split.num_examples
 
-    @property
-    def num_examples(self) -> int:
-        return int(self.images.shape[0])
-
-    def nbytes(self) -> int:
-        return self.images.nbytes + self.masks.nbytes
-
-    def volume_slices(self, v: int) -> np.ndarray:
-        """Indices of the slices of volume ``v``, in order."""
-        return np.flatnonzero(self.volume == v)
-
-
-def _decode_text(x: Any) -> str:
-    if isinstance(x, bytes):
-        return x.decode("utf-8")
-    if isinstance(x, np.ndarray):
-        return _decode_text(x.item())
-    return str(x)
-
-
-def split_from_records(records: Sequence[dict[str, Any]]) -> SplitData:
-    """Build :class:`SplitData` from TFDS example dicts (``image``, ``mask``, ``patient_id``,
-    ``slice_index``, ``channel_mean``, ``channel_std``), sorting by (patient, slice)."""
-    if not records:
-        raise ValueError("the split holds no examples")
-    keys = [(_decode_text(r["patient_id"]), int(r["slice_index"])) for r in records]
-    order = sorted(range(len(records)), key=lambda i: keys[i])
-    patients = tuple(sorted({k[0] for k in keys}))
-    pindex = {p: i for i, p in enumerate(patients)}
-    images = np.stack([np.asarray(records[i]["image"], np.uint8) for i in order])
-    masks = np.stack([np.asarray(records[i]["mask"], np.uint8) for i in order])
-    if masks.ndim == 3:
-        masks = masks[..., None]
-    volume = np.array([pindex[keys[i][0]] for i in order], np.int32)
-    slice_index = np.array([keys[i][1] for i in order], np.int32)
-    c = images.shape[-1]
-    mean = np.zeros((len(patients), c), np.float32)
-    std = np.zeros((len(patients), c), np.float32)
-    for i in order:
-        v = pindex[keys[i][0]]
-        mean[v] = np.asarray(records[i]["channel_mean"], np.float32)
-        std[v] = np.asarray(records[i]["channel_std"], np.float32)
-    return SplitData(images, masks, volume, slice_index, mean, std, patients)
-
-
-def select_patients(data: SplitData, patients: Sequence[str]) -> SplitData:
-    """The sub-split of the given patients (in sorted order); unknown ids are an error."""
-    missing = sorted(set(patients) - set(data.patients))
-    if missing:
-        raise ValueError(f"patients not in this data: {missing}")
-    keep_p = sorted(set(patients))
-    old = [data.patients.index(p) for p in keep_p]
-    remap = np.full(len(data.patients), -1, np.int32)
-    remap[old] = np.arange(len(old), dtype=np.int32)
-    rows = np.flatnonzero(np.isin(data.volume, old))
-    return SplitData(
-        data.images[rows],
-        data.masks[rows],
-        remap[data.volume[rows]],
-        data.slice_index[rows],
-        data.mean[old],
-        data.std[old],
-        tuple(keep_p),
-    )
-
-
-def concat(a: SplitData, b: SplitData) -> SplitData:
-    """Two splits with disjoint patients as one (e.g. train + validation for k folds)."""
-    if set(a.patients) & set(b.patients):
-        raise ValueError(f"splits share patients: {sorted(set(a.patients) & set(b.patients))}")
-    merged = SplitData(
-        np.concatenate([a.images, b.images]),
-        np.concatenate([a.masks, b.masks]),
-        np.concatenate([a.volume, b.volume + len(a.patients)]),
-        np.concatenate([a.slice_index, b.slice_index]),
-        np.concatenate([a.mean, b.mean]),
-        np.concatenate([a.std, b.std]),
-        a.patients + b.patients,
-    )
-    return select_patients(merged, merged.patients)  # back to sorted patient order
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        v = self.split.volume[i]
+        return {
+            "image": self.split.images[i],
+            "mask": self.split.masks[i],
+            "patient_id": self.split.patients[v],
+            "slice_index": self.split.slice_index[i],
+            "channel_mean": self.split.mean[v],
+            "channel_std": self.split.std[v],
+        }
 
 
 def slice_probabilities(data: SplitData) -> np.ndarray:
@@ -423,6 +317,16 @@ class ResidentData:
         images, masks, mean, std = self._gather(arrays, idx)
         x, y = prepare_batch(images, masks, mean, std, jax.random.key(0), self.aug, train=False)
         return x, y, jax.lax.with_sharding_constraint(valid, batch_sharded(self.mesh))
+
+
+def validation_data(
+    split: SplitData, mesh: Mesh, batch_size: int, sampling: str, image_size: int | None
+) -> ResidentData:
+    """The validation split on the mesh as evaluation reads it: every slice in order
+    (:meth:`ResidentData.eval_batch`), never augmented, resized to ``image_size`` (None: kept at
+    the stored size); ``sampling`` draws the validation loss's batches
+    (:meth:`ResidentData.sampled_batch`)."""
+    return ResidentData(split, mesh, batch_size, sampling, AugmentSpec(0, 0, 0, image_size))
 
 
 class StreamingData:

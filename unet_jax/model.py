@@ -21,10 +21,14 @@ Two choices made for speed and exactness:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+if TYPE_CHECKING:
+    from unet_jax.config import Config
 
 # PyTorch's default init for conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 # Matching it keeps training dynamics comparable with the baseline.
@@ -144,6 +148,15 @@ def load_pure(model: nnx.Module, pure: dict) -> None:
     nnx.update(model, state)
 
 
+def named_leaves(tree: Any) -> dict[str, Any]:
+    """The leaves of a nested dict (:func:`model_to_pure`'s, or Orbax's metadata of one) by
+    dotted path: ``{"encoder1.conv1.kernel": leaf}`` (the tensor names of a model file)."""
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pool with stride 2 (H and W even)."""
     n, h, w, c = x.shape
@@ -228,6 +241,22 @@ class UNet(nnx.Module):
         d2 = self.decoder2(jnp.concatenate([self.upconv2(d3), e2], axis=-1))
         d1 = self.decoder1(jnp.concatenate([self.upconv1(d2), e1], axis=-1))
         return self.conv(d1).astype(jnp.float32)
+
+
+def build_model(config: Config, seed: int = 0) -> UNet:
+    """A freshly initialised UNet for ``config``'s model settings."""
+    return UNet(
+        config.in_channels,
+        config.out_channels,
+        config.features,
+        dtype=jnp.dtype(config.dtype),
+        rngs=nnx.Rngs(seed),
+    )
+
+
+def abstract_model(config: Config) -> UNet:
+    """A UNet with shape-only leaves (no memory, no compute), to restore into."""
+    return nnx.eval_shape(lambda: build_model(config))
 
 
 def count_params(model: nnx.Module) -> int:

@@ -52,30 +52,15 @@ from scipy import ndimage
 
 from unet_jax.lgg import SLICE_SIZE
 
+# fmt: off
 __all__ = [
-    "MODES",
-    "THRESHOLD_FRACTION",
-    "VolumeGeometry",
-    "PreprocessedVolume",
-    "threshold_volume",
-    "crop_bounds",
-    "square_padding",
-    "zoom_matrix",
-    "nearest_indices",
-    "resize_volume",
-    "resize_masks",
-    "rescale_percentiles",
-    "channel_stats",
-    "channel_stats_uint8",
-    "baseline_geometry",
-    "preprocess_volume_float",
-    "preprocess_volume",
-    "preprocess_images",
-    "standardise",
-    "prepare_volume",
-    "resize_probabilities",
-    "restore_prediction",
+    "MODES", "THRESHOLD_FRACTION", "VolumeGeometry", "PreprocessedVolume", "threshold_volume",
+    "crop_bounds", "square_padding", "zoom_matrix", "nearest_indices", "resize_volume",
+    "resize_masks", "rescale_percentiles", "channel_stats", "channel_stats_uint8",
+    "baseline_geometry", "preprocess_volume_float", "preprocess_volume", "preprocess_images",
+    "standardise", "prepare_volume", "resize_probabilities", "restore_prediction",
 ]
+# fmt: on
 
 #: The data-set configs (``Config.dataset_config``): how a volume is stored for the model.
 MODES = ("baseline", "raw")

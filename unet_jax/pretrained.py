@@ -106,16 +106,6 @@ def resolve(ref: str | os.PathLike) -> tuple[Path, PackagedModel | None]:
     return path, None
 
 
-def _state_names(tree: Any) -> dict[str, Any]:
-    """The leaves of a model's pure state dict by dotted path (the tensor names in the file)."""
-    import jax
-
-    return {
-        ".".join(str(getattr(k, "key", k)) for k in path): leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
 def _read(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -143,9 +133,8 @@ def load(ref: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
     import jax
     import jax.numpy as jnp
 
-    from unet_jax.checkpoint import abstract_model
     from unet_jax.config import Config
-    from unet_jax.model import load_pure, model_to_pure
+    from unet_jax.model import abstract_model, load_pure, model_to_pure, named_leaves
 
     path, packaged = resolve(ref)
     digest = sha256_of(path)
@@ -169,7 +158,7 @@ def load(ref: str | os.PathLike) -> tuple[Any, Any, dict[str, Any]]:
         ) from None
     model = abstract_model(config)
     template = model_to_pure(model)
-    needed = _state_names(template)
+    needed = named_leaves(template)
     problems = [f"{k} missing" for k in needed if k not in tensors]
     problems += [f"{k} not in the model" for k in tensors if k not in needed]
     problems += [
@@ -226,12 +215,12 @@ def export(
     from safetensors.numpy import save_file
 
     from unet_jax.checkpoint import load_model
-    from unet_jax.model import model_to_pure
+    from unet_jax.model import model_to_pure, named_leaves
 
     if dtype not in DTYPES:
         raise PretrainedError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     model, config, meta = load_model(checkpoint, step)
-    leaves = _state_names(model_to_pure(model))
+    leaves = named_leaves(model_to_pure(model))
     if dtype == "bfloat16":
         import ml_dtypes
 

@@ -3,7 +3,8 @@ lock, the log and the writers (reading a run: :mod:`unet_jax.rundata`).
 
 A run's workdir holds:
 
-* ``config.json`` — ``Config.to_dict()`` (written first; a different config there is refused);
+* ``config.json`` — ``Config.to_dict()`` (written first; a different config there is refused,
+  but for its execution-only fields: the file then shows the settings the run now uses);
 * ``metrics.jsonl`` — ``{"type": "train", ...}`` lines, one ``{"type": "eval", ...}`` line per
   evaluation and a final ``{"type": "summary", ...}`` line (:class:`RunLog`);
 * ``per_patient.csv`` — per-patient validation metrics of the best checkpoint
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from unet_jax.config import Config
+from unet_jax.config import Config, execution_fields
 
 __all__ = [
     "CHECKPOINTS_DIRNAME",
@@ -194,11 +195,6 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-#: Config fields that say how a run executes, not what it computes: changing them between a
-#: run and its resume is allowed.
-EXECUTION_FIELDS = ("pack_runs", "pack_mode", "keep_latest")
-
-
 def prepare_workdir(
     config: Config, workdir: Path, restart: bool, *, write_config: bool = True
 ) -> None:
@@ -206,9 +202,12 @@ def prepare_workdir(
     what a kill left in its log.
 
     Checks, before anything is written: the workdir can be created and written to, and an
-    existing ``config.json`` is a JSON object equal to ``config`` (but for
-    :data:`EXECUTION_FIELDS`). Then, on a resume, a torn last line of ``metrics.jsonl`` (a kill
-    mid-write) is cut off with a one-line notice (:func:`repair_metrics_log`).
+    existing ``config.json`` is a JSON object equal to ``config`` but for the execution-only
+    fields (:func:`unet_jax.config.execution_fields`: the data moved, another ``epoch_loop``,
+    ``log_every_steps``, ``write_report``, packing, ...). Then, on a resume, a torn last line of
+    ``metrics.jsonl`` (a kill mid-write) is cut off with a one-line notice
+    (:func:`repair_metrics_log`), and ``config.json`` is rewritten with ``config``: it shows the
+    settings the run now uses (each checkpoint keeps the config it was saved with).
 
     Args:
       restart: delete the run files of an existing run (whatever its config, readable or not)
@@ -226,8 +225,9 @@ def prepare_workdir(
     if cfg_file.exists() and not restart:
         old = _read_config_file(cfg_file)
         new = json.loads(config.to_json())
-        # How the run is executed, not what it trains: a packed run resumes alone and back.
-        for key in EXECUTION_FIELDS:
+        # Where and how the run executes, not what it trains: a run resumes after its data
+        # moved, packed runs resume alone and back.
+        for key in execution_fields():
             old.pop(key, None)
             new.pop(key, None)
         if old != new:

@@ -25,7 +25,7 @@ The builder of the TFDS data set (``datasets/lgg_mri_segmentation``) requires 25
 in the real download; smaller ``size`` values are for fast tests of code that does not go through
 it (e.g. ``unet_jax.preprocess``).
 
-In memory, as a :class:`unet_jax.input_pipeline.SplitData` (no files, no TFDS), two simpler kinds
+In memory, as a :class:`unet_jax.data.SplitData` (no files, no TFDS), two simpler kinds
 whose content is cheap to draw:
 
 - :func:`disc_split`: uniform noise inside a disc ("brain") with disc lesions bright in FLAIR in
@@ -47,16 +47,14 @@ import os
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from unet_jax.data import SplitData
 from unet_jax.fileio import exclusive_lock, partial_path, remove_leftovers, replace_with
 from unet_jax.lgg import CSV_FIELDS
-
-if TYPE_CHECKING:  # input_pipeline imports JAX; the kaggle_3m writer must not need it
-    from unet_jax.input_pipeline import SplitData
 
 __all__ = [
     "CSV_HEADER",
@@ -383,7 +381,6 @@ def split_from_volumes(
       volumes: ``(images (Z, H, W, C) uint8, masks (Z, H, W) nonzero = lesion)`` per patient.
       patients: the patient ids, in the order of ``volumes``.
     """
-    from unet_jax.input_pipeline import SplitData
     from unet_jax.preprocess import channel_stats_uint8
 
     if len(volumes) != len(patients):

@@ -1,10 +1,14 @@
 """Training: ``train_and_evaluate``, the loop of a run: train, evaluate every epoch, checkpoint
 with exact resume, log.
 
-The steps live in :mod:`unet_jax.trainer`, the end of an evaluated epoch (in the background,
-overlapping the next epoch) in :mod:`unet_jax.epoch_end`, the run folder's files in
-:mod:`unet_jax.rundir`. The run's report is not written here: the caller does
-(``experiments.run``), so training does not depend on the reporting code.
+The loop reads as its steps: :func:`_train_runs` sets a training up (data, the path it takes:
+:func:`execution_path`), :func:`_train_loop` steps the runs and ends their epochs, and each run's
+side is a :class:`_Run`. Elsewhere: the jitted steps in :mod:`unet_jax.train_steps`; what a run saves
+and restores in :mod:`unet_jax.run_state`; the end of an evaluated epoch (in the background,
+overlapping the next epoch) in :mod:`unet_jax.epoch_end`; the train lines and progress in
+:mod:`unet_jax.progress`; the run folder's files in :mod:`unet_jax.rundir`. The run's report is
+not written here: the caller does (``experiments.run``), so training does not depend on the
+reporting code.
 
 Multi-host: call ``jax.distributed.initialize()`` before anything else (``experiments.run
 --distributed`` does), and every process runs this same function on the same config and the
@@ -16,7 +20,6 @@ coordinates the checkpoint writes (tests/test_train.py runs two local processes)
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import threading
@@ -24,361 +27,40 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 
 from unet_jax import evaluate, rundir
-from unet_jax.checkpoint import TrainCheckpoints, latest_step
-from unet_jax.config import Config
-from unet_jax.data import load_data
-from unet_jax.epoch_end import (
-    Background,
-    DivergedError,
-    EpochCallbacks,
-    EpochEnd,
-    Saver,
-    resume_log,
-)
+from unet_jax.checkpoint import latest_step
+from unet_jax.compile_cache import compile_seconds
+from unet_jax.config import Config, packable
+from unet_jax.data import SplitData, load_data
+from unet_jax.epoch_end import Background, EpochCallbacks, EpochEnd
 from unet_jax.input_pipeline import (
     AugmentSpec,
+    HostRecords,
     ResidentData,
-    SplitData,
     StreamingData,
     fits_on_device,
     make_mesh,
+    validation_data,
 )
+from unet_jax.progress import Progress, StepLosses, progress_mode
+from unet_jax.run_state import DivergedError, NonFiniteLossError, RunState
 from unet_jax.rundir import ConfigMismatchError
-from unet_jax.trainer import PackedTrainer, Trainer
+from unet_jax.train_steps import PackedTrainer, Trainer, pack_mode
 
 __all__ = [
     "ConfigMismatchError",  # defined in rundir; re-exported because train_and_evaluate raises it
-    "DivergedError",  # defined in epoch_end; likewise
-    "NonFiniteLossError",
-    "compile_seconds",
-    "packable",
+    "DivergedError",  # defined in run_state; likewise
+    "NonFiniteLossError",  # likewise
+    "execution_path",
+    "packable",  # defined in config; re-exported for train_runs' callers
     "train_and_evaluate",
     "train_runs",
 ]
-
-
-_compile_seconds = [0.0]  # JAX's compile-time events, summed over the process
-_listening = [False]
-
-
-def _on_duration(name: str, seconds: float, **_: Any) -> None:
-    if name.startswith("/jax/core/compile/"):
-        _compile_seconds[0] += seconds
-
-
-def compile_seconds() -> float:
-    """Seconds this process has spent tracing, lowering and compiling programs so far (a load
-    from the persistent compilation cache counts only its tracing and lowering)."""
-    if not _listening[0]:
-        jax.monitoring.register_event_duration_secs_listener(_on_duration)
-        _listening[0] = True
-    return _compile_seconds[0]
-
-
-class NonFiniteLossError(DivergedError):
-    """The training loss became NaN or infinite; names the step and epoch."""
-
-
-#: Seconds between heartbeat lines within an epoch when the output is not a terminal (see
-#: :class:`_Progress`); read when a run checks, so a test can shorten it.
-HEARTBEAT_SECONDS = 60.0
-
-
-def _output_is_terminal() -> bool:
-    """Whether stderr, where the progress bar draws, is a terminal."""
-    try:
-        return bool(sys.stderr.isatty())
-    except (AttributeError, OSError, ValueError):  # a replaced or closed stream
-        return False
-
-
-def _duration(seconds: float) -> str:
-    """``H:MM:SS``."""
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class _Progress:
-    """What a run shows while it trains (process 0 only).
-
-    ``mode`` ``"bar"`` (the default on a terminal): a tqdm bar on stderr with the loss,
-    images/s and ETA. ``"lines"`` (the default when stderr is not a terminal: a log file,
-    nohup, a scheduler, CI, a notebook): plain lines on stdout, one per evaluated epoch once
-    its evaluation is complete (epoch, step, the epoch's mean training loss, validation DSC, best
-    so far, images/s, elapsed time, ETA) and, within epochs, a heartbeat line when none was
-    printed for :data:`HEARTBEAT_SECONDS` (on the host loop, where steps go one by one; a
-    whole-epoch dispatch is one step for it). ``None``: nothing (tests).
-
-    Rates leave out compile time (JAX's compile events), so the first epoch's images/s and the
-    ETA do not count the one-off compilation.
-    """
-
-    def __init__(
-        self,
-        mode: str | None,
-        *,
-        name: str,
-        total: int,
-        initial: int,
-        steps_per_epoch: int,
-        batch_size: int,
-        started: float,
-    ):
-        self.mode, self.name, self.total = mode, name, total
-        self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
-        self.started = started  # perf_counter() when the command's training call began
-        self.bar = None
-        if mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=1.0
-            )
-        now, compiled = time.perf_counter(), compile_seconds()
-        # This call's training (for the ETA) and the current epoch (for its images/s).
-        self.run_start = (now, compiled, initial)
-        self.epoch_start = (now, compiled, initial)
-        self.last_line = now
-
-    def update(self, n: int, **postfix) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(postfix, refresh=False)
-
-    def _rate(self, start: tuple[float, float, int], step: int, now: float) -> float | None:
-        """Steps per second since ``start`` (compile time left out), or None before a step."""
-        t0, compiled, step0 = start
-        seconds = now - t0 - (compile_seconds() - compiled)
-        if seconds <= 0:  # compiles on another thread overlapped this one's time
-            seconds = now - t0
-        return (step - step0) / seconds if step > step0 and seconds > 0 else None
-
-    def _eta(self, step: int, now: float) -> float | None:
-        """Seconds left after step ``step`` at this call's pace so far, or None before a step."""
-        rate = self._rate(self.run_start, step, now)
-        return (self.total - step) / rate if rate else None
-
-    def _timing(self, now: float, eta: float | None) -> str:
-        return (
-            f"elapsed {_duration(now - self.started)}, ETA {'?' if eta is None else _duration(eta)}"
-        )
-
-    def _print(self, text: str) -> None:
-        # One write per line: epoch lines come from the epoch-end thread.
-        sys.stdout.write(f"{text}\n")
-        sys.stdout.flush()  # a log file sees each line at once
-        self.last_line = time.perf_counter()
-
-    def tick(self, step: int, loss: float | None) -> None:
-        """After step ``step`` within an epoch: a heartbeat line when one is due."""
-        now = time.perf_counter()
-        if self.mode != "lines" or now - self.last_line < HEARTBEAT_SECONDS:
-            return
-        epochs = -(-self.total // self.steps_per_epoch)
-        rate = self._rate(self.epoch_start, step, now)
-        images = "?" if rate is None else f"{rate * self.batch_size:.1f}"
-        self._print(
-            f"{self.name}: epoch {(step - 1) // self.steps_per_epoch + 1}/{epochs} in "
-            f"progress, step {step}/{self.total}: train loss "
-            f"{'?' if loss is None else f'{loss:.4f}'} (last fetched), {images} images/s, "
-            f"{self._timing(now, self._eta(step, now))}"
-        )
-
-    def epoch_ended(self, done: int, loss: float | None) -> dict[str, Any]:
-        """At an epoch's end (step ``done``, ``loss`` the epoch's mean training loss): the
-        numbers of its line (:meth:`evaluated`), taken now: the line comes once the evaluation
-        is complete, while the next epoch trains."""
-        now = time.perf_counter()
-        rate = self._rate(self.epoch_start, done, now)
-        self.epoch_start = (now, compile_seconds(), done)
-        return {
-            "step": done,
-            "loss": loss,
-            "images_per_s": None if rate is None else rate * self.batch_size,
-            "time": now,
-            "eta": self._eta(done, now),
-        }
-
-    def evaluated(self, ended: dict[str, Any], record: dict[str, Any], best: float | None) -> None:
-        """The line of an evaluated epoch (``ended`` from :meth:`epoch_ended`, ``record`` its
-        evaluation's log record, ``best`` the best validation DSC so far)."""
-        if self.mode != "lines":
-            return
-        now = time.perf_counter()
-        step, epochs = ended["step"], -(-self.total // self.steps_per_epoch)
-        loss, images, dsc = ended["loss"], ended["images_per_s"], record.get("val_dsc")
-        best_text = "n/a" if best is None else f"{best:.4f}"
-        if record.get("best"):
-            best_text += " (this epoch)"
-        eta = ended["eta"]
-        self._print(
-            f"{self.name}: epoch {step // self.steps_per_epoch}/{epochs}, step "
-            f"{step}/{self.total}: train loss {'?' if loss is None else f'{loss:.4f}'}, val DSC "
-            f"{'n/a' if dsc is None else f'{dsc:.4f}'}, best {best_text}, "
-            f"{'?' if images is None else f'{images:.1f}'} images/s, "
-            f"{self._timing(now, None if eta is None else max(0.0, eta - (now - ended['time'])))}"
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-# ----------------------------------------------------------------------------- main loop
-
-
-class _HostRecords:
-    """A split's examples as TFDS-like record dicts (random access), for the streaming path."""
-
-    def __init__(self, split: SplitData):
-        self.split = split
-
-    def __len__(self) -> int:
-        return self.split.num_examples
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        v = self.split.volume[i]
-        return {
-            "image": self.split.images[i],
-            "mask": self.split.masks[i],
-            "channel_mean": self.split.mean[v],
-            "channel_std": self.split.std[v],
-        }
-
-
-class _StepLosses:
-    """The train steps' outputs not yet fetched from the device.
-
-    Fetching every step would make the host wait for the device each step; instead the outputs
-    are collected and fetched together (every ``log_every_steps`` steps and at each epoch's
-    end), then logged and checked: the first non-finite loss stops the run.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        trainer: Trainer,
-        log: rundir.RunLog,
-        progress: _Progress,
-        ckpts: TrainCheckpoints,
-        workdir: Path,
-    ):
-        self.config = config
-        self.trainer = trainer
-        self.log = log
-        self.progress = progress
-        self.ckpts = ckpts
-        self.workdir = workdir
-        self.pending: list[tuple[int, dict[str, jax.Array]]] = []  # (step index, outputs)
-        self.first_loss: float | None = None  # this call's first loss (the exploding check)
-        self.warned = False
-        self.last_loss: float | None = None  # the newest loss fetched (heartbeat lines)
-        self.loss_sum, self.loss_count = 0.0, 0  # this epoch's losses fetched so far
-        # Start of the throughput window and the steps run since (reset by each flush).
-        self.window_start = time.perf_counter()
-        self.window_steps = 0
-
-    def __len__(self) -> int:
-        return len(self.pending)
-
-    def add(self, step: int, out: dict[str, jax.Array]) -> None:
-        """Record the outputs of step index ``step`` (0-based: the step count before it)."""
-        self.pending.append((step, out))
-        self.window_steps += 1
-
-    def add_stacked(self, first_step: int, outs: dict[str, jax.Array]) -> None:
-        """Record the stacked outputs of :meth:`Trainer.train_steps` from step ``first_step``."""
-        num = int(outs["loss"].shape[0])
-        self.pending.append((first_step, outs))
-        self.window_steps += num
-
-    def logged(self, step: int) -> bool:
-        """Whether the loss of step number ``step`` (1-based) gets a train line: every
-        ``log_every_steps``-th step, each epoch's last and each ``checkpoint_every_steps``-th.
-        Where a run stops (Ctrl-C) adds no line, so a resumed run logs the lines of the
-        uninterrupted one."""
-        config = self.config
-        every = config.checkpoint_every_steps
-        return (
-            step % config.log_every_steps == 0
-            or step % self.trainer.steps_per_epoch == 0
-            or bool(every and step % every == 0)
-        )
-
-    def epoch_loss(self) -> float | None:
-        """The mean training loss of the steps fetched since the last call (an epoch's)."""
-        mean = self.loss_sum / self.loss_count if self.loss_count else None
-        self.loss_sum, self.loss_count = 0.0, 0
-        return mean
-
-    def flush(self) -> None:
-        """Fetch the pending losses, log those of :meth:`logged` steps, and raise
-        :class:`NonFiniteLossError` on the first non-finite one. The lines logged do not depend
-        on when flushes happen (every few steps, or once per one-dispatch epoch)."""
-        if not self.pending:
-            return
-        steps_per_epoch = self.trainer.steps_per_epoch
-        fetched = jax.device_get([out for _, out in self.pending])
-        # One (step, outputs) pair per step, whether it was fetched alone or stacked.
-        steps, outs = [], []
-        for (first, _), out in zip(self.pending, fetched):
-            if np.ndim(out["loss"]) == 0:
-                steps.append(first)
-                outs.append(out)
-                continue
-            for i in range(len(out["loss"])):
-                steps.append(first + i)
-                outs.append({k: v[i] for k, v in out.items()})
-        now = time.perf_counter()
-        images_per_s = (
-            self.window_steps * self.config.batch_size / max(now - self.window_start, 1e-9)
-        )
-        for step, out in zip(steps, outs):
-            loss = float(out["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss}) at step {step} "
-                    f"(epoch {step // steps_per_epoch}); the run stopped without saving it. The "
-                    f"last good checkpoint is step {self.ckpts.latest.latest_step()} in "
-                    f"{self.workdir / rundir.CHECKPOINTS_DIRNAME}."
-                )
-            self.last_loss = loss
-            self.loss_sum += loss
-            self.loss_count += 1
-            if self.first_loss is None:
-                self.first_loss = loss
-            elif not self.warned and loss > max(100 * self.first_loss, 10.0):
-                # Finite but exploding (a Dice loss stays below 1; BCE can grow without bound).
-                self.warned = True
-                print(
-                    f"warning: {self.workdir.name}: training loss {loss:.3g} at step {step + 1} "
-                    f"is over 100x the first ({self.first_loss:.3g}): the run is diverging "
-                    f"(learning_rate {self.config.learning_rate})",
-                    file=sys.stderr,
-                )
-            if self.logged(step + 1):
-                self.log.write(
-                    {
-                        "type": "train",
-                        "step": step + 1,
-                        "epoch": (step + 1) / steps_per_epoch,
-                        "loss": loss,
-                        "grad_norm": float(out["grad_norm"]),
-                        "lr": float(self.trainer.schedule(step)),
-                        "images_per_s": images_per_s,
-                    }
-                )
-        self.progress.update(
-            len(steps), loss=f"{float(outs[-1]['loss']):.4f}", img_s=f"{images_per_s:.1f}"
-        )
-        self.pending.clear()
-        self.window_start, self.window_steps = now, 0
 
 
 def train_and_evaluate(
@@ -423,14 +105,6 @@ def train_and_evaluate(
     )[0]
 
 
-def packable(configs: list[Config]) -> bool:
-    """Whether runs of these configs can share one program: the same config but for ``name``,
-    ``seed`` and the packing settings."""
-    ignored = ("name", "seed", "pack_runs", "pack_mode")
-    keys = [{k: v for k, v in c.to_dict().items() if k not in ignored} for c in configs]
-    return all(k == keys[0] for k in keys[1:])
-
-
 def train_runs(
     configs: list[Config],
     workdirs: list[str | Path],
@@ -441,7 +115,7 @@ def train_runs(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train several runs that differ only in their seed side by side in one program (packed
-    runs, :class:`unet_jax.trainer.PackedTrainer`); one config is :func:`train_and_evaluate`.
+    runs, :class:`unet_jax.train_steps.PackedTrainer`); one config is :func:`train_and_evaluate`.
 
     Every run has its own workdir, log, checkpoints, evaluations and summary, exactly as when
     trained alone (``config.pack_mode``: ``unroll`` computes the lone runs (to float rounding),
@@ -457,8 +131,8 @@ def train_runs(
         raise ValueError(f"packed runs need distinct workdirs, got {workdirs}")
     if not packable(configs):
         raise ValueError(
-            "packed runs must differ only in name and seed: "
-            f"{[c.name for c in configs]} differ in more"
+            "packed runs must differ only in name, seed and execution-only settings, and not in "
+            f"seed on synthetic data (generated from the seed): {[c.name for c in configs]} do"
         )
     is_main = jax.process_index() == 0
     with contextlib.ExitStack() as stack:
@@ -506,7 +180,7 @@ class _StopRequests:
 
 
 def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> list[dict[str, Any]]:
-    """:func:`train_runs` with its workdirs locked."""
+    """:func:`train_runs` with its workdirs locked: set up, train, summarise."""
     t_start, compile_start = time.perf_counter(), compile_seconds()
     config = configs[0]
     is_main = jax.process_index() == 0
@@ -526,34 +200,27 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
         data = data()
     train_split, val_split = data
     mesh = make_mesh()
-    aug = AugmentSpec(
-        config.aug_scale,
-        config.aug_angle,
-        config.aug_flip,
-        None if config.image_size == train_split.images.shape[1] else config.image_size,
-    )
-    streaming = None
-    if not fits_on_device(train_split, config.device_memory_budget_gb):
+    streaming = not fits_on_device(train_split, config.device_memory_budget_gb)
+    path = execution_path(config, streaming=streaming, packed=len(configs) > 1)
+    image_size = None if config.image_size == train_split.images.shape[1] else config.image_size
+    aug = AugmentSpec(config.aug_scale, config.aug_angle, config.aug_flip, image_size)
+    if streaming:
         if len(configs) > 1:
             raise ValueError("packed runs need the training data resident on the device")
         # Over the device-memory budget: the same batches, read by grain from host records.
-        streaming = StreamingData(
-            _HostRecords(train_split), train_split, mesh, config.batch_size, config.sampling, aug
+        train = StreamingData(
+            HostRecords(train_split), train_split, mesh, config.batch_size, config.sampling, aug
         )
         print(
             f"training data ({train_split.nbytes() / 2**30:.2f} GiB) exceeds the device-memory "
             f"budget of {config.device_memory_budget_gb} GiB: streaming it with grain"
         )
-    train = streaming or ResidentData(train_split, mesh, config.batch_size, config.sampling, aug)
-    # Validation is evaluated in order from device memory (it is a tenth of the data).
-    val = ResidentData(
-        val_split, mesh, config.batch_size, config.sampling, AugmentSpec(0, 0, 0, aug.image_size)
-    )
+    else:
+        train = ResidentData(train_split, mesh, config.batch_size, config.sampling, aug)
+    val = validation_data(val_split, mesh, config.batch_size, config.sampling, image_size)
     trainers = [Trainer(c, train, mesh) for c in configs]
-    stepper = PackedTrainer(trainers, config.pack_mode) if len(trainers) > 1 else None
-    steps_per_epoch = trainers[0].steps_per_epoch
-    total_steps = config.epochs * steps_per_epoch
-    mode = _progress_mode(progress)
+    total_steps = config.epochs * trainers[0].steps_per_epoch
+    mode = progress_mode(progress)
     # One evaluation program for all runs (their eval graphs are the same).
     eval_steps = (
         evaluate.make_predict_step(trainers[0].apply_eval, val, config.threshold),
@@ -566,10 +233,11 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
             runs.append(
                 _Run(c, w, t, val, truth, is_main, total_steps, mode, on_epoch_end, t_start)
             )
+        stepper = _stepper(trainers, path, train, total_steps)
         # Signals become stop requests once there is training to save (before, they stop
         # the data build or the setup at once, which loses nothing).
         with _StopRequests() as stop:
-            _train_loop(runs, stepper, streaming, eval_steps, total_steps, stop)
+            _train_loop(runs, stepper, path, eval_steps, total_steps, stop)
     except BaseException:
         _for_each(runs, _Run.close)  # the first error is the one that propagates
         raise
@@ -579,12 +247,75 @@ def _train_runs(configs, workdirs, data, restart, progress, on_epoch_end) -> lis
         "total": round(time.perf_counter() - t_start, 3),
         "compile": round(compile_seconds() - compile_start, 3),
     }
-    return [run.summary(seconds, len(runs)) for run in runs]
+    return [run.summary(seconds, len(runs), path) for run in runs]
+
+
+def execution_path(config: Config, *, streaming: bool, packed: bool) -> dict[str, str | None]:
+    """The path a training takes, with the ``"auto"`` settings resolved (here only): ``input``
+    (``resident``: the data lives on the device; ``streaming``: over the device-memory budget,
+    grain reads it from the host), ``epoch_loop`` (``device``: one dispatch per epoch, on the
+    resident path without checkpoints within epochs; ``host``: step by step) and ``pack_mode``
+    (``vmap`` or ``unroll`` for packed runs, else None). The run's summary records it."""
+    if config.epoch_loop == "auto":
+        device_loop = jax.default_backend() != "cpu"
+    else:
+        device_loop = config.epoch_loop == "device"
+    whole_epochs = device_loop and not streaming and not config.checkpoint_every_steps
+    return {
+        "input": "streaming" if streaming else "resident",
+        "epoch_loop": "device" if whole_epochs else "host",
+        "pack_mode": pack_mode(config.pack_mode) if packed else None,
+    }
+
+
+class _Stepper(Protocol):
+    """What the loop steps: every run's outputs (losses, gradient norm), one per run, for one
+    step or stacked for ``num_steps`` steps in one dispatch."""
+
+    def train_step(self) -> list[dict[str, jax.Array]]: ...
+
+    def train_steps(self, num_steps: int) -> list[dict[str, jax.Array]]: ...
+
+
+class _Lone:
+    """One run on resident data."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def train_step(self) -> list[dict[str, jax.Array]]:
+        return [self.trainer.train_step()]
+
+    def train_steps(self, num_steps: int) -> list[dict[str, jax.Array]]:
+        return [self.trainer.train_steps(num_steps)]
+
+
+class _Streamed:
+    """One run whose batches stream from the host, from its current step on (host loop only)."""
+
+    def __init__(self, trainer: Trainer, train: StreamingData, total_steps: int):
+        self.trainer = trainer
+        self.batches = train.iterate(trainer.data_key, trainer.step, total_steps)
+
+    def train_step(self) -> list[dict[str, jax.Array]]:
+        return [self.trainer.train_step_on(*next(self.batches))]
+
+    def train_steps(self, num_steps: int) -> list[dict[str, jax.Array]]:
+        raise TypeError("streamed batches are stepped one by one (epoch_loop 'host')")
+
+
+def _stepper(trainers: list[Trainer], path: dict, train: Any, total_steps: int) -> _Stepper:
+    """The stepper for ``path`` (:func:`execution_path`), once the runs are restored."""
+    if path["pack_mode"] is not None:
+        return PackedTrainer(trainers, path["pack_mode"])
+    if path["input"] == "streaming":
+        return _Streamed(trainers[0], train, total_steps)
+    return _Lone(trainers[0])
 
 
 class _Run:
-    """One run's side of the loop: its folder, log, checkpoints (restored on resume),
-    background epoch ends, pending losses and progress bar."""
+    """One run's side of the loop: its folder, log, saved state (restored on resume),
+    background epoch ends, pending losses and progress."""
 
     def __init__(
         self,
@@ -600,27 +331,18 @@ class _Run:
         started: float,
     ):
         self.config, self.workdir, self.trainer, self.is_main = config, workdir, trainer, is_main
+        self.total_steps = total_steps
         self.log = rundir.RunLog(workdir, is_main)
         self.background = Background()
-        self.ckpts = TrainCheckpoints(workdir, keep_latest=config.keep_latest)
-        self.save = Saver(self.ckpts, trainer, config)
-        self.progress: _Progress | None = None
-        restored = self.ckpts.restore_latest(trainer.model_state(), trainer.optimizer_state())
-        if restored is not None:
-            trainer.load_state(restored[0], restored[1])
-            resume_log(self.log, self.ckpts, restored[2], trainer.step)
-            self.save.last_eval = restored[2].get("last_eval") or {}
+        self.saved = RunState(workdir, trainer, config, self.log)
+        self.progress: Progress | None = None
+        if self.saved.restore():
             print(
                 f"resuming {workdir} at step {trainer.step} "
                 f"(epoch {trainer.step // trainer.steps_per_epoch})"
             )
-        else:
-            # No checkpoint: the run starts at step 0, so lines a run killed before its first
-            # checkpoint logged go, and so does its best-so-far (its best files were not
-            # written with it: the first evaluation must count as best again).
-            resume_log(self.log, self.ckpts, {"best_metric": None}, 0)
         self.trained = False  # whether this call trained any step (see summary)
-        self.progress = _Progress(
+        self.progress = Progress(
             progress if is_main else None,
             name=config.name,
             total=total_steps,
@@ -629,22 +351,34 @@ class _Run:
             batch_size=config.batch_size,
             started=started,
         )
-        self.epoch_end = EpochEnd(self.save, self.log, val, truth, workdir, is_main)
-        self.losses = _StepLosses(config, trainer, self.log, self.progress, self.ckpts, workdir)
-        self.callbacks = EpochCallbacks(on_epoch_end, self.save)
+        self.epoch_end = EpochEnd(self.saved, self.log, val, truth, workdir, is_main)
+        self.losses = StepLosses(config, trainer, self.log, self.progress, self.saved, workdir)
+        self.callbacks = EpochCallbacks(on_epoch_end, self.saved)
         self.dispatch_s = 0.0  # main-thread time spent starting evaluations
 
-    def end_epoch(self, done: int, total_steps: int, eval_steps: tuple[Callable, Callable]) -> None:
+    def settle(self) -> None:
+        """Wait for the background epoch end, then fetch, log and check the pending losses: the
+        last evaluation's line precedes the next train lines, and nothing is saved from the
+        main thread while the background saves (raises on a non-finite loss)."""
+        self.background.wait()
+        self.losses.flush()
+
+    def save_latest(self, steps_done: int) -> None:
+        """A ``latest`` checkpoint of the current state, within an epoch (``checkpoint_every_steps``)."""
+        self.settle()
+        self.saved.save_latest(steps_done)
+
+    def end_epoch(self, done: int, eval_steps: tuple[Callable, Callable]) -> None:
         """After the steps up to ``done``: log the losses (raising on a non-finite one), then
         start the evaluation and checkpoint of an evaluated epoch in the background."""
         config = self.config
         self.trained = True
-        self.background.wait()  # the last evaluation's line precedes this epoch's train lines
-        self.callbacks.run()
-        self.losses.flush()  # raises on a non-finite loss, before anything is saved
+        self.background.wait()
+        self.callbacks.run()  # the epochs whose evaluation is complete, before a loss error
+        self.settle()  # raises on a non-finite loss, before anything is saved
         epoch = done // self.trainer.steps_per_epoch
         ended = self.progress.epoch_ended(done, self.losses.epoch_loss())
-        if epoch % config.eval_every_epochs == 0 or done == total_steps:
+        if epoch % config.eval_every_epochs == 0 or done == self.total_steps:
             # Dispatch the evaluation on a copy of the state, then hand the host work to the
             # background thread: the next epoch's training starts at once.
             t0, compile_before = time.perf_counter(), compile_seconds()
@@ -659,7 +393,7 @@ class _Run:
             # The first evaluation compiles its program: that counts as compile time.
             self.dispatch_s += time.perf_counter() - t0 - (compile_seconds() - compile_before)
         elif config.checkpoint_every_steps and done % config.checkpoint_every_steps == 0:
-            self.save.latest(done)
+            self.saved.save_latest(done)
         self.callbacks.ended(epoch, self.background.pending is None)
 
     def _epoch_end(
@@ -667,15 +401,15 @@ class _Run:
     ) -> None:
         """The evaluated epoch's end (on the background thread), then its progress line."""
         self.epoch_end(done, epoch, state, dispatched)
-        self.progress.evaluated(ended, self.save.last_eval, self.ckpts.best_metric())
+        self.progress.evaluated(ended, self.saved.last_eval, self.saved.best_metric)
 
-    def finish(self, total_steps: int) -> None:
+    def finish(self) -> None:
         """Training ended: wait for the last epoch end; save ``latest`` at the last step."""
         self.background.wait()
         self.callbacks.run()
         step = self.trainer.step
-        if total_steps and self.ckpts.latest.latest_step() != total_steps and step == total_steps:
-            self.save.latest(total_steps)
+        if self.total_steps and self.saved.latest_step() != step == self.total_steps:
+            self.saved.save_latest(step)
 
     def interrupted(self) -> None:
         """Ctrl-C between dispatches (the state is consistent): finish the pending evaluation
@@ -685,8 +419,8 @@ class _Run:
             self.background.wait()
             self.losses.flush()  # checks the losses; logs no line for where the run stopped
         finally:
-            if self.ckpts.latest.latest_step() != step:
-                self.save.latest(step, interrupted=True)
+            if self.saved.latest_step() != step:
+                self.saved.save_latest(step, interrupted=True)
             print(
                 f"\ninterrupted: saved a checkpoint of {self.workdir.name} at step {step}; "
                 "run the same command again to resume"
@@ -698,12 +432,12 @@ class _Run:
         try:
             self.background.close()  # the last epoch's files are complete before returning
         finally:
-            self.ckpts.close()
+            self.saved.close()
             self.log.close()
 
-    def summary(self, seconds: dict[str, float], packed: int) -> dict[str, Any]:
-        best = self.ckpts.best_metric()
-        last_eval = self.save.last_eval
+    def summary(self, seconds: dict[str, float], packed: int, path: dict) -> dict[str, Any]:
+        best = self.saved.best_metric
+        last_eval = self.saved.last_eval
         summary = {
             "type": "summary",
             "step": self.trainer.step,
@@ -720,6 +454,7 @@ class _Run:
                 "epoch_end_visible": round(self.dispatch_s + self.background.waited_s, 3),
                 "epoch_end_background": round(self.background.busy_s, 3),
             },
+            "path": path,  # the path this call's training took (execution_path)
         }
         if packed > 1:
             summary["packed_runs"] = packed
@@ -740,88 +475,62 @@ class _Run:
 
 def _train_loop(
     runs: list[_Run],
-    stepper: PackedTrainer | None,
-    streaming: StreamingData | None,
+    stepper: _Stepper,
+    path: dict,
     eval_steps: tuple[Callable, Callable],
     total_steps: int,
     stop: _StopRequests,
 ) -> None:
     """Step every run to ``total_steps`` (together when packed), ending each epoch per run."""
-    first = runs[0]
-    config, trainer = first.config, first.trainer
-    steps_per_epoch = trainer.steps_per_epoch
+    config = runs[0].config
+    steps_per_epoch = runs[0].trainer.steps_per_epoch
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-    # A whole epoch is one dispatch on the resident path (config.epoch_loop); steps one by one
-    # when batches stream in, when checkpoints are asked for within epochs, and for the rest of
-    # a partial epoch.
-    whole_epochs = (
-        _device_epoch_loop(config.epoch_loop)
-        and streaming is None
-        and not config.checkpoint_every_steps
-    )
-    start = trainer.step
-
-    def one_step() -> list[dict[str, jax.Array]]:
-        if stepper is not None:
-            return stepper.train_step()
-        if batches is not None:
-            return [trainer.train_step_on(*next(batches))]
-        return [trainer.train_step()]
-
+    step = runs[0].trainer.step
     try:
-        batches = streaming.iterate(trainer.data_key, start, total_steps) if streaming else None
-        step = start
         while step < total_steps:
             stop.check()
             done = min(total_steps, (step // steps_per_epoch + 1) * steps_per_epoch)
-            if whole_epochs and done - step == steps_per_epoch:
-                outs = (
-                    stepper.train_steps(steps_per_epoch)
-                    if stepper is not None
-                    else [trainer.train_steps(steps_per_epoch)]
-                )
-                for run, out in zip(runs, outs):
+            if path["epoch_loop"] == "device" and done - step == steps_per_epoch:
+                for run, out in zip(runs, stepper.train_steps(steps_per_epoch)):
                     run.losses.add_stacked(step, out)
-            else:
+            else:  # step by step (also the rest of a partial epoch)
                 for index in range(step, done):
-                    for run, out in zip(runs, one_step()):
-                        run.losses.add(index, out)
-                        run.progress.tick(index + 1, run.losses.last_loss)
-                    if index + 1 < done:
-                        stop.check()  # after the epoch's last step, the epoch ends first
-                    if len(first.losses) >= config.log_every_steps:
-                        for run in runs:
-                            run.background.wait()  # the last evaluation's line first
-                            run.losses.flush()
-                    if (
-                        config.checkpoint_every_steps
-                        and (index + 1) % config.checkpoint_every_steps == 0
-                        and index + 1 != done
-                    ):
-                        for run in runs:
-                            run.background.wait()
-                            run.losses.flush()
-                            run.save.latest(index + 1)
+                    _one_step(runs, stepper, index, config, stop, last=index + 1 == done)
             step = done
             for run in runs:
-                run.end_epoch(done, total_steps, eval_steps)
+                run.end_epoch(done, eval_steps)
         for run in runs:
-            run.finish(total_steps)
+            run.finish()
     except KeyboardInterrupt:
         # A whole-epoch dispatch completes first: the checkpoint is at worst one epoch later.
         _for_each(runs, _Run.interrupted, raise_first=True)
         raise
 
 
-def _progress_mode(progress: bool | str | None) -> str | None:
-    """``train_runs``'s ``progress`` as a :class:`_Progress` mode."""
-    if progress is None:
-        return "bar" if _output_is_terminal() else "lines"
-    if progress in ("bar", "lines"):
-        return progress
-    if isinstance(progress, bool):
-        return "bar" if progress else None
-    raise ValueError(f"progress must be None, a bool, 'bar' or 'lines', got {progress!r}")
+def _one_step(
+    runs: list[_Run],
+    stepper: _Stepper,
+    index: int,
+    config: Config,
+    stop: _StopRequests,
+    last: bool,
+) -> None:
+    """Step ``index`` (0-based) on the host loop, with what falls due after it: a stop request
+    (not after an epoch's last step: the epoch ends first), a flush of the losses every
+    ``log_every_steps``, a ``latest`` checkpoint every ``checkpoint_every_steps``."""
+    for run, out in zip(runs, stepper.train_step()):
+        run.losses.add(index, out)
+        run.progress.tick(index + 1, run.losses.last_loss)
+    if last:
+        return
+    stop.check()
+    every = config.checkpoint_every_steps
+    if every and (index + 1) % every == 0:
+        for run in runs:
+            run.save_latest(index + 1)
+    elif len(runs[0].losses) >= config.log_every_steps:
+        for run in runs:
+            run.settle()
 
 
 def _rounded(value: float | None) -> float | None:
@@ -839,11 +548,3 @@ def _for_each(runs: list[_Run], method: Callable[[_Run], None], raise_first=Fals
             errors.append(e)
     if errors and raise_first:
         raise errors[0]
-
-
-def _device_epoch_loop(setting: str) -> bool:
-    """Whether ``Config.epoch_loop`` (validated with the config) asks for one dispatch per
-    epoch on this backend."""
-    if setting == "auto":
-        return jax.default_backend() != "cpu"
-    return setting == "device"

@@ -298,8 +298,6 @@ def synthetic_volumes(
     """Stand-in volumes for timing: :func:`unet_jax.synthetic.disc_volume` (noisy discs, disc
     lesions in the middle slices, so every patient's slice weights are defined), standardised per
     volume as the baseline's preprocessing does."""
-    # Not disc_split: that builds a SplitData, whose module imports JAX, and DataLoader workers
-    # fork from this process.
     from unet_jax.preprocess import channel_stats_uint8
     from unet_jax.synthetic import disc_volume
 

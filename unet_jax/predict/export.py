@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from unet_jax import metrics
+from unet_jax.fileio import os_error_reason
 from unet_jax.overlays import FLAIR_CHANNEL, overlay_rgb, png_description, write_overlay_gif
 from unet_jax.predict.inputs import PredictError, VolumeSpec
 from unet_jax.predict.predictor import VolumePrediction
@@ -229,12 +230,6 @@ def check_output(output: Path, inputs: Sequence[Path], volumes: Sequence[VolumeS
     return out
 
 
-def _os_reason(e: OSError) -> str:
-    if e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    return str(e) or type(e).__name__
-
-
 @contextlib.contextmanager
 def output_errors(out: Path) -> Iterator[None]:
     """Turn an ``OSError`` of writing the results (no space, permissions) into a one-line
@@ -242,7 +237,7 @@ def output_errors(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise PredictError(f"cannot write the output {out}: {_os_reason(e)}") from None
+        raise PredictError(f"cannot write the output {out}: {os_error_reason(e)}") from None
 
 
 def write_table(rows: Sequence[dict[str, Any]], path: Path) -> None:

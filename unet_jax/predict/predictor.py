@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -370,71 +368,14 @@ class Predictor:
         return VolumePrediction(loaded, mask, processed, m, p.prob, p.geometry)
 
 
-def _param_names(tree) -> dict[str, Any]:
-    """{"encoder1.conv1.kernel": leaf} of a nested dict of arrays (or of array metadata)."""
-    import jax
-
-    return {
-        ".".join(str(getattr(k, "key", k)) for k in path): leaf
-        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def _shape(shape) -> str:
-    return "x".join(map(str, shape)) if len(shape) else "scalar"
-
-
-def check_stored_shapes(path: str | os.PathLike, step: int | None = None) -> None:
-    """Refuse a checkpoint whose config does not build the model its stored arrays belong to,
-    comparing Orbax's metadata with the config's model before anything is restored.
-
-    Restoring such a checkpoint fails part-way through Orbax's concurrent reads, and the reads
-    still in flight then print tracebacks ("Event loop is closed") until the process exits. Does
-    nothing when the checkpoint cannot be located or read here: :func:`load_model` then says why.
-    """
-    import orbax.checkpoint as ocp
-
-    from unet_jax import checkpoint as ckpt
-    from unet_jax.config import Config
-    from unet_jax.model import model_to_pure
-
-    root = Path(path).absolute()
-    try:
-        directory, found_step = ckpt._resolve_checkpoint_dir(root, step)
-        item = directory / str(found_step)
-        meta = json.loads((item / "meta" / "metadata").read_text())
-        config = Config.from_dict(meta["config"])
-        with ocp.StandardCheckpointer() as checkpointer:
-            stored_tree = checkpointer.metadata(item / "model")
-        stored_tree = getattr(stored_tree, "item_metadata", stored_tree)
-        needed = _param_names(model_to_pure(ckpt.abstract_model(config)))
-        stored = _param_names(stored_tree)
-    except Exception:
-        return
-    problems = [f"{k} missing" for k in needed if k not in stored]
-    problems += [f"{k} not in the model" for k in stored if k not in needed]
-    problems += [
-        f"{k} stored as {_shape(stored[k].shape)}, the config needs {_shape(needed[k].shape)}"
-        for k in needed
-        if k in stored and tuple(stored[k].shape) != tuple(needed[k].shape)
-    ]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise PredictError(
-            f"{path}: the checkpoint's config (in_channels={config.in_channels}, "
-            f"out_channels={config.out_channels}, features={config.features}) does not match "
-            f"its stored parameters: {problems[0]}{more}"
-        )
-
-
 def check_finite(path: str | os.PathLike, model, meta: dict[str, Any]) -> None:
     """Refuse a model whose parameters or BatchNorm statistics hold NaN or inf: it predicts
     NaN logits, which threshold to empty masks without any error."""
-    from unet_jax.model import model_to_pure
+    from unet_jax.model import model_to_pure, named_leaves
 
     bad = [
         name
-        for name, leaf in _param_names(model_to_pure(model)).items()
+        for name, leaf in named_leaves(model_to_pure(model)).items()
         if not np.isfinite(np.asarray(leaf, dtype=np.float32)).all()
     ]
     if bad:
@@ -450,10 +391,10 @@ def check_finite(path: str | os.PathLike, model, meta: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike, step: int | None = None):
     """``(model, config, meta)`` from a training workdir or a converted checkpoint, with errors
     as :class:`PredictError`: a missing or foreign checkpoint, one whose config does not match
-    its stored arrays, or one whose parameters hold NaN or inf."""
+    its stored arrays (:func:`unet_jax.checkpoint.load_model` checks), or one whose parameters
+    hold NaN or inf."""
     from unet_jax.checkpoint import CheckpointError, load_model
 
-    check_stored_shapes(path, step)
     try:
         model, config, meta = load_model(path, step)
     except CheckpointError as e:

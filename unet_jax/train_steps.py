@@ -20,11 +20,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from unet_jax.checkpoint import build_model
 from unet_jax.config import Config
 from unet_jax.input_pipeline import ResidentData, StreamingData, replicated
 from unet_jax.losses import get_loss
-from unet_jax.model import load_pure, model_to_pure
+from unet_jax.model import build_model, load_pure, model_to_pure
 
 __all__ = ["PackedTrainer", "Trainer", "make_optimizer", "make_schedule", "pack_mode"]
 
@@ -156,11 +155,6 @@ class Trainer:
         """The optimiser state and the step counter (what resuming needs besides the model)."""
         state = self.state if state is None else state
         return {"opt_state": state["opt_state"], "step": state["step"]}
-
-    @property
-    def variables(self) -> tuple[Any, Any]:
-        """``(params, batch_stats)``: the argument of :meth:`apply_eval`."""
-        return self.state["params"], self.state["batch_stats"]
 
     def load_state(self, model_state: dict, optimizer_state: dict[str, Any]) -> None:
         """Replace the training state by :meth:`model_state` / :meth:`optimizer_state` dicts."""
