@@ -491,15 +491,14 @@ def _start_blocked_build(manual: Path, data_dir: Path, workers: int):
     returned once the build blocks on the pipe; and the pipe's write end (kept open: the reader
     waits for data)."""
     pipe = _blocking_manual(manual)
-    child = subprocess.Popen(
-        [sys.executable, "-m", "datasets.lgg_mri_segmentation", "--manual_dir", str(manual)]
-        + ["--data_dir", str(data_dir), "--config", "raw", "--num_workers", str(workers)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    # A terminal's foreground job takes Ctrl-C; a harness that starts the tests in the
+    # background (`cmd &` without job control) ignores SIGINT, and an ignored signal stays
+    # ignored in children: with a handler here during the start, the child gets the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        child = _popen_build(manual, data_dir, workers)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.monotonic() + 120
     while True:
         try:  # succeeds once a reader has the pipe open: the build is in the middle
@@ -514,6 +513,19 @@ def _start_blocked_build(manual: Path, data_dir: Path, workers: int):
         time.sleep(0.05)
 
 
+def _popen_build(manual: Path, data_dir: Path, workers: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "datasets.lgg_mri_segmentation", "--manual_dir", str(manual)]
+        + ["--data_dir", str(data_dir), "--config", "raw", "--num_workers", str(workers)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # stacks on SIGABRT, for a hang's report
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (POSIX)")
 def test_ctrl_c_of_the_command_is_one_line_and_leaves_nothing(manual, tmp_path):
     # Ctrl-C in a terminal signals the whole foreground process group: the command and its
@@ -521,7 +533,17 @@ def test_ctrl_c_of_the_command_is_one_line_and_leaves_nothing(manual, tmp_path):
     child, fd = _start_blocked_build(manual, tmp_path / "d", workers=2)
     try:
         os.killpg(child.pid, signal.SIGINT)
-        out, err = child.communicate(timeout=240)
+        try:
+            out, err = child.communicate(timeout=240)
+        except subprocess.TimeoutExpired:  # report where each process of the build waits
+            ps = subprocess.run(
+                ["ps", "-o", "pid,ppid,stat,wchan:20,cmd", "-g", str(child.pid)],
+                capture_output=True,
+                text=True,
+            ).stdout
+            os.killpg(child.pid, signal.SIGABRT)
+            out, err = child.communicate(timeout=60)
+            pytest.fail(f"the build did not stop on SIGINT:\n{ps}\n{err[-8000:]}")
     finally:
         os.close(fd)
         with contextlib.suppress(ProcessLookupError):
