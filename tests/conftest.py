@@ -17,6 +17,10 @@ Fixtures (session-scoped, built once and shared by every test file):
 - ``smoke_workdir``: the workdir of the smoke experiment (``python -m experiments.run
   --exp=smoke``, full size: a few minutes on 2 CPU cores), run once for test_experiments.py and
   test_predict.py; read it, do not write into it.
+
+More session fixtures come from the plugins named in ``pytest_plugins``: ``_lgg_setup.py`` (the
+builder's dummy data in the users' layouts) and ``_predict_setup.py`` (predict's inputs and tiny
+checkpoints).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+# Fixtures shared by several test files (see the docstring).
+pytest_plugins = ["_lgg_setup", "_predict_setup"]
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_LGG = REPO.parent / "shared" / "lgg"
