@@ -124,7 +124,7 @@ def _quiet_orbax_noise() -> None:
     # started, are reported as never awaited when freed.
     warnings.filterwarnings(
         "ignore",
-        message="coroutine '(async_serialize_from_host|_read_array_index_and_device_put)'",
+        message="coroutine '(async_serialize_from_host|_read_array_index_and_device_put)",
         category=RuntimeWarning,
     )
 
