@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,10 +130,14 @@ def _quiet_orbax_noise() -> None:
     )
 
 
+def _is_orbax_file(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in filename
+
+
 def _is_orbax_coroutine(obj: Any) -> bool:
     """Whether ``obj`` is a coroutine of Orbax's own code (one it abandoned when a read failed)."""
     code = getattr(obj, "cr_code", None)
-    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    return code is not None and _is_orbax_file(code.co_filename)
 
 
 def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
@@ -149,11 +154,10 @@ def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        tb = err.__traceback__
-        while tb is not None:
-            if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
-                return False
-            tb = tb.tb_next
+        if any(
+            _is_orbax_file(f.f_code.co_filename) for f, _ in traceback.walk_tb(err.__traceback__)
+        ):
+            return False
         err = err.__cause__ or err.__context__
     return True
 
